@@ -1,0 +1,229 @@
+"""SAM settings: one dataclass is the single source of truth.
+
+`SAMConfig` declares every setting once (name, default, help text, allowed values, which variant
+uses it). `SAMTrainingArguments` is generated from it: every field `x` becomes `sam_x` on a
+`TrainingArguments` subclass, so `HfArgumentParser`, YAML and JSON configs see the same names,
+defaults and help, and validation runs in one place.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import TrainingArguments
+
+PERTURB_MODES = ("trainable", "lora", "norm")
+RHO_SCALINGS = ("none", "mupp")
+MUPP_ROLES = ("input", "hidden", "output", "fixed")
+MUPP_CONVENTIONS = ("auto", "a0", "mup")
+MUPP_DENOMINATORS = ("decoupled", "joint")
+
+
+def setting(default, help, *, choices=None, check=None, allowed=None, used_by=None, when=None):
+    """A SAMConfig field with the metadata validation and the argument parser read.
+
+    choices: allowed values (strings); check: predicate on a non-None value, `allowed` says in words
+    what it accepts; used_by: variant names that read this setting (others must leave the default);
+    when: (other_field, values) - the setting only has an effect when other_field is in values.
+    """
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+        meta["help"] = f"{help} One of: {', '.join(choices)}."
+    if check is not None:
+        meta["check"], meta["allowed"] = check, allowed
+    if used_by is not None:
+        meta["used_by"] = tuple(used_by)
+    if when is not None:
+        meta["when"] = when
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _nonneg(x):
+    return math.isfinite(x) and x >= 0
+
+
+def _positive(x):
+    return math.isfinite(x) and x > 0
+
+
+def _unit(x):
+    return math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+@dataclass
+class SAMConfig:
+    """Settings of a sharpness-aware training run. See the README's settings table."""
+
+    # --- core -----------------------------------------------------------------------------
+    variant: str = setting("sam", "Algorithm name from the hf_sam.variants registry (e.g. sam, asam).")
+    rho: float = setting(0.05, "Perturbation radius rho. 0 turns SAM off (stock Trainer step).",
+                         check=_nonneg, allowed="a finite number >= 0")
+    adaptive: bool = setting(False, "Adaptive (ASAM) ascent: scale each weight tensor's gradient by |w| + eta.")
+    eta: float = setting(0.01, "ASAM's eta: T = |w| + eta for tensors whose name ends in 'weight'.",
+                         check=_nonneg, allowed="a finite number >= 0")
+    eps: float = setting(1e-12, "Added to the fp32 global gradient norm in the ascent denominator.",
+                         check=_nonneg, allowed="a finite number >= 0")
+    interval: int = setting(1, "Run the sharpness-aware step on every k-th optimizer step, a plain step otherwise.",
+                            check=lambda x: x >= 1, allowed="an integer >= 1")
+    start: float = setting(0.0, "Fraction of training at which the sharpness-aware steps begin (late-phase SAM).",
+                           check=_unit, allowed="a number in [0, 1]")
+    end: float = setting(1.0, "Fraction of training at which the sharpness-aware steps end.",
+                         check=_unit, allowed="a number in [0, 1]")
+    same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
+    sync_ascent: bool = setting(False, "All-reduce the ascent gradient across processes (global ascent). "
+                                "Default: per-device ascent without communication, as in the SAM paper.")
+    # --- which parameters are perturbed ---------------------------------------------------
+    perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
+                           "adapter factors only, or normalisation-layer parameters only (SAM-ON).",
+                           choices=PERTURB_MODES)
+    perturb_include: list[str] | None = setting(None, "Regular expressions on parameter names; after the mode, "
+                                                "keep only parameters matching one of them.")
+    perturb_exclude: list[str] | None = setting(None, "Regular expressions on parameter names; after the mode, "
+                                                "drop parameters matching one of them.")
+    lora_modules_to_save: bool = setting(False, "With perturb=lora, also perturb PEFT modules_to_save copies "
+                                         "(e.g. a new classifier head).", when=("perturb", ("lora",)))
+    # --- per-layer rho scaling ------------------------------------------------------------
+    rho_scaling: str = setting("none", "Per-layer perturbation scaling: none, or mupp (muP^2, Haas et al. 2024).",
+                               choices=RHO_SCALINGS)
+    mupp_base_width: int | None = setting(None, "muP^2: the base width at which the rule equals plain SAM (required).",
+                                          check=lambda x: x >= 1, allowed="an integer >= 1",
+                                          when=("rho_scaling", ("mupp",)))
+    mupp_width: int | None = setting(None, "muP^2: the model width; default read from the model config "
+                                     "(hidden_size, n_embd or d_model).", check=lambda x: x >= 1,
+                                     allowed="an integer >= 1", when=("rho_scaling", ("mupp",)))
+    mupp_roles: dict[str, str] | None = setting(None, "muP^2: mapping regex -> role (input, hidden, output, fixed), "
+                                                "checked before the defaults. JSON on the command line.",
+                                                when=("rho_scaling", ("mupp",)))
+    mupp_convention: str = setting("auto", "muP^2 readout convention: a0 (hand-written muP), mup (MuReadout), "
+                                   "auto (mup when the mup package set base shapes, else a0).",
+                                   choices=MUPP_CONVENTIONS, when=("rho_scaling", ("mupp",)))
+    mupp_denominator: str = setting("decoupled", "muP^2 denominator: decoupled (every layer contributes O(1)) "
+                                    "or joint (the paper's MLP form).", choices=MUPP_DENOMINATORS,
+                                    when=("rho_scaling", ("mupp",)))
+
+    def __post_init__(self):
+        if isinstance(self.mupp_roles, str):
+            try:
+                self.mupp_roles = json.loads(self.mupp_roles)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"mupp_roles: expected a JSON object mapping regex -> role, got {self.mupp_roles!r} "
+                                 f"({err})") from None
+        for name in ("perturb_include", "perturb_exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        self.validate()
+
+    # ---------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the setting and what it allows. Runs on construction."""
+        from .variants import get_variant  # local: variants import the step, which imports config
+
+        variant = get_variant(self.variant)  # unknown names raise with the list of known ones
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value) and "check" not in meta:
+                raise ValueError(f"{f.name} must be finite, got {value!r}.")
+            if "choices" in meta and value not in meta["choices"]:
+                raise ValueError(f"{f.name}={value!r} is not allowed; choose one of {', '.join(meta['choices'])}.")
+            if "check" in meta:
+                try:
+                    ok = bool(meta["check"](value))
+                except TypeError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{f.name}={value!r} is out of range; allowed: {meta['allowed']}.")
+            if value == f.default if f.default is not dataclasses.MISSING else value == f.default_factory():
+                continue
+            if "used_by" in meta and variant.name not in meta["used_by"]:
+                users = ", ".join(repr(v) for v in meta["used_by"])
+                raise ValueError(f"{f.name} is a setting of variant {users}; it has no effect with "
+                                 f"variant={self.variant!r}. Set variant to one of {users} or remove {f.name}.")
+            if "when" in meta:
+                other, values = meta["when"]
+                if getattr(self, other) not in values:
+                    raise ValueError(f"{f.name} only has an effect when {other} is one of "
+                                     f"{', '.join(map(repr, values))} (it is {getattr(self, other)!r}).")
+        if self.start >= self.end:
+            raise ValueError(f"start={self.start} must be smaller than end={self.end} (fractions of training).")
+        if self.rho_scaling == "mupp" and self.mupp_base_width is None:
+            raise ValueError("rho_scaling='mupp' needs mupp_base_width: the width at which muP^2 equals plain SAM.")
+        if self.mupp_roles is not None:
+            if not isinstance(self.mupp_roles, dict):
+                raise ValueError(f"mupp_roles must be a mapping regex -> role, got {type(self.mupp_roles).__name__}.")
+            for pattern, role in self.mupp_roles.items():
+                if role not in MUPP_ROLES:
+                    raise ValueError(f"mupp_roles[{pattern!r}]={role!r} is not a role; choose one of "
+                                     f"{', '.join(MUPP_ROLES)}.")
+        variant.check(self)
+
+    @property
+    def effective_adaptive(self) -> bool:
+        from .variants import get_variant
+
+        return self.adaptive or get_variant(self.variant).adaptive
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def changed(self) -> dict[str, Any]:
+        """Settings that differ from their defaults (for cards and logs)."""
+        out = {}
+        for f in fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if getattr(self, f.name) != default:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+
+PREFIX = "sam_"
+
+
+def _argument_fields():
+    """SAMConfig's fields as `sam_<name>` TrainingArguments fields (same default, type and help)."""
+    out = []
+    for f in fields(SAMConfig):
+        meta = {"help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            meta["choices"] = list(f.metadata["choices"])
+        typ = f.type
+        if f.name == "mupp_roles":  # dict fields travel as JSON strings on the command line
+            typ = dict | str | None
+        if f.default is not dataclasses.MISSING:
+            out.append((PREFIX + f.name, typ, field(default=f.default, metadata=meta)))
+        else:
+            out.append((PREFIX + f.name, typ, field(default_factory=f.default_factory, metadata=meta)))
+    return out
+
+
+_SAMArgumentFields = dataclasses.make_dataclass("_SAMArgumentFields", _argument_fields(), bases=(TrainingArguments,))
+
+
+@dataclass
+class SAMTrainingArguments(_SAMArgumentFields):
+    """`TrainingArguments` plus every `SAMConfig` setting as `sam_<name>` (e.g. `--sam_rho 0.1`).
+
+    The fields are generated from `SAMConfig`, so names, defaults, help and validation have one
+    source. `args.sam_config` returns the validated `SAMConfig`.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._sam_config = config_from_arguments(self)  # validates before any training starts
+
+    @property
+    def sam_config(self) -> SAMConfig:
+        return config_from_arguments(self)
+
+
+def config_from_arguments(args) -> SAMConfig:
+    """SAMConfig from any object that has `sam_<name>` attributes (missing ones keep their default)."""
+    values = {f.name: getattr(args, PREFIX + f.name) for f in fields(SAMConfig) if hasattr(args, PREFIX + f.name)}
+    return SAMConfig(**values)

@@ -1,0 +1,75 @@
+"""Multi-tensor helpers for the hot path: every op here is one `torch._foreach_*` call (or a few).
+
+Lists of tensors stand for one flat vector; norms are global L2 norms computed in fp32.
+"""
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+
+def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.Tensor:
+    """sqrt(sum_i (w_i * ||t_i||)^2) in fp32, as a 0-dim device tensor (no host sync)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    if weights is not None:
+        norms = norms * torch.tensor(weights, dtype=torch.float32, device=norms.device)
+    return torch.linalg.vector_norm(norms)
+
+
+def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """`scale` where `norm` is finite, else 0 (a device-side select, no host sync)."""
+    return torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+
+
+def zero_nonfinite_(tensors: Tensors) -> None:
+    """Replace NaN and +-inf entries by 0 in place (an overflowed ascent must never reach the weights)."""
+    for t in tensors:
+        torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = None) -> Tensors:
+    """t_i *= factors_i * scale, in place."""
+    if factors is not None:
+        torch._foreach_mul_(tensors, factors)
+    torch._foreach_mul_(tensors, scale)
+    return tensors
+
+
+def snapshot(tensors: Tensors) -> Tensors:
+    """Exact copies (one parameter-sized buffer)."""
+    return torch._foreach_clone([t.detach() for t in tensors]) if tensors else []
+
+
+def restore_(targets: Tensors, saved: Tensors) -> None:
+    """Copy `saved` back into `targets` in place: bit-exact, keeps storage (DDP bucket views, compile)."""
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, saved)
+
+
+def add_(targets: Tensors, offsets: Tensors) -> None:
+    if targets:
+        with torch.no_grad():
+            torch._foreach_add_(targets, offsets)
+
+
+def adaptive_weights(params: Tensors, names: list[str], eta: float) -> list[torch.Tensor | None]:
+    """ASAM's T = |w| + eta for tensors whose name ends in "weight"; None (meaning T = 1) otherwise."""
+    idx = [i for i, n in enumerate(names) if n.endswith("weight")]
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if idx:
+        ts = torch._foreach_abs([params[i].detach() for i in idx])
+        torch._foreach_add_(ts, eta)
+        for i, t in zip(idx, ts):
+            out[i] = t
+    return out
+
+
+def mul_where_(tensors: Tensors, factors: list[torch.Tensor | None]) -> None:
+    """t_i *= f_i for the entries with a factor (ASAM's T); in place."""
+    pairs = [(t, f) for t, f in zip(tensors, factors) if f is not None]
+    if pairs:
+        ts, fs = zip(*pairs)
+        torch._foreach_mul_(list(ts), [f.to(t.dtype) for t, f in pairs])

@@ -1,0 +1,64 @@
+"""The variant registry: a name -> a short step function of a StepContext, plus its metadata."""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+_REGISTRY: dict[str, "Variant"] = {}
+
+
+def _no_check(config) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One algorithm of the SAM family.
+
+    step: `step(ctx)` drives a StepContext (see hf_sam.step) for one micro-batch.
+    passes: forward+backward passes per micro-batch on a sharpness-aware step (FLOP accounting,
+        docs); a step may report fewer through `ctx.passes`.
+    adaptive: the ascent is ASAM-adaptive whatever `SAMConfig.adaptive` says.
+    uses_rho: rho = 0 turns the variant into the stock Trainer step.
+    paper: {"title", "authors", "venue", "arxiv", "bibtex"} for cards and docs.
+    check: `check(config)` raises ValueError for settings the variant cannot accept.
+    """
+
+    name: str
+    step: Callable
+    passes: float = 2
+    adaptive: bool = False
+    uses_rho: bool = True
+    paper: dict = field(default_factory=dict)
+    check: Callable = _no_check
+
+
+def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
+             paper: dict | None = None, check: Callable | None = None, replace: bool = False):
+    """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"variant name must be a non-empty identifier, got {name!r}")
+
+    def wrap(fn):
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"variant {name!r} is already registered; pass replace=True to override it")
+        _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
+                                  paper=dict(paper or {}), check=check or _no_check)
+        return fn
+
+    return wrap
+
+
+def get(name: str) -> Variant:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"variant={name!r} is not registered; choose one of: {', '.join(available())} "
+                         "(or add your own with hf_sam.variants.register).") from None
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)

@@ -1,0 +1,54 @@
+"""SAM and ASAM.
+
+SAM (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021; arXiv 2010.01412):
+    g = grad L_B(w);  e = rho * g / (||g|| + eps);  descend with grad L_B(w + e).
+    ||.|| is one global L2 norm over the perturbed tensors, in fp32. Default rho = 0.05.
+
+ASAM (Kwon, Kim, Park, Choi; ICML 2021; arXiv 2102.11600), the official form:
+    T = |w| + eta elementwise for tensors whose name ends in "weight", T = 1 otherwise;
+    e = rho * T^2 g / (||T g|| + eps). Default eta = 0.01; rho is typically ~10x SAM's (0.5 to 2).
+    `variant="asam"` is `sam` with `adaptive=True`; `adaptive=True` makes any variant's ascent adaptive.
+
+Cost: two sequential forward+backward passes per micro-batch, one parameter-sized copy of w.
+"""
+
+from .registry import register
+
+SAM_PAPER = {
+    "title": "Sharpness-Aware Minimization for Efficiently Improving Generalization",
+    "authors": "Pierre Foret, Ariel Kleiner, Hossein Mobahi, Behnam Neyshabur",
+    "venue": "ICLR 2021",
+    "arxiv": "2010.01412",
+    "bibtex": """@inproceedings{foret2021sharpnessaware,
+  title={Sharpness-aware Minimization for Efficiently Improving Generalization},
+  author={Pierre Foret and Ariel Kleiner and Hossein Mobahi and Behnam Neyshabur},
+  booktitle={International Conference on Learning Representations},
+  year={2021},
+  url={https://arxiv.org/abs/2010.01412}
+}""",
+}
+
+ASAM_PAPER = {
+    "title": "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks",
+    "authors": "Jungmin Kwon, Jeongseop Kim, Hyunseo Park, In Kwon Choi",
+    "venue": "ICML 2021",
+    "arxiv": "2102.11600",
+    "bibtex": """@inproceedings{kwon2021asam,
+  title={ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of Deep Neural Networks},
+  author={Kwon, Jungmin and Kim, Jeongseop and Park, Hyunseo and Choi, In Kwon},
+  booktitle={Proceedings of the 38th International Conference on Machine Learning},
+  pages={5905--5914},
+  year={2021},
+  url={https://arxiv.org/abs/2102.11600}
+}""",
+}
+
+
+def sam(ctx):
+    g = ctx.grad()                        # clean pass at w (per device, no all-reduce)
+    e = ctx.ascent(g, inplace=True)       # rho * g / ||g||, selected parameters only
+    ctx.grad(at=e, final=True)            # descent pass at w + e, accumulates into .grad
+
+
+register("sam", paper=SAM_PAPER)(sam)
+register("asam", adaptive=True, paper=ASAM_PAPER)(sam)
