@@ -105,6 +105,10 @@ class SAMConfig:
     mupp_denominator: str = setting("decoupled", "muP^2 denominator: decoupled (every layer contributes O(1)) "
                                     "or joint (the paper's MLP form).", choices=MUPP_DENOMINATORS,
                                     when=("rho_scaling", ("mupp",)))
+    # --- variant settings, group A (gsam, fsam, looksam, esam, ssam, msam, crsam) ------------
+    # (end of group A)
+    # --- variant settings, group B (universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam)
+    # (end of group B)
 
     def __post_init__(self):
         if isinstance(self.mupp_roles, str):
@@ -213,6 +217,10 @@ class SAMTrainingArguments(_SAMArgumentFields):
     The fields are generated from `SAMConfig`, so names, defaults, help and validation have one
     source. `args.sam_config` returns the validated `SAMConfig`.
     """
+    # --- variant settings, group A (gsam, fsam, looksam, esam, ssam, msam, crsam) ------------
+    # (end of group A)
+    # --- variant settings, group B (universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam)
+    # (end of group B)
 
     def __post_init__(self):
         super().__post_init__()

@@ -84,23 +84,24 @@ class StepContext:
         self._bn_saved = None
 
     # ---- passes ------------------------------------------------------------------------------
-    def grad(self, at=None, final=False):
+    def grad(self, at=None, final=False, loss_hook=None):
         """One forward+backward pass at w + at (at=None: at w).
 
         Temporary pass (final=False): returns the gradients (aligned with ctx.params) and leaves
         `.grad` as it was. Final pass: accumulates into `.grad` like the stock step; returns the loss.
+        loss_hook: see SAMTrainer._stock_training_step (per-sample losses, extra loss terms).
         """
         if self.final_done:
             raise RuntimeError("the final pass of this micro-batch has already run")
         self._position(at)
         if final:
             self._unstash()
-            loss = self._run_pass(sync=True)
+            loss = self._run_pass(sync=True, loss_hook=loss_hook)
             self.final_done = True
             self._record_loss(loss, at)
             return loss
         self._stash_grads()
-        loss = self._run_pass(sync=self.config.sync_ascent)
+        loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook)
         grads = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
@@ -184,7 +185,7 @@ class StepContext:
         return [state.get(p, {}).get(key) for p in self.params]
 
     # ---- mechanics -----------------------------------------------------------------------------
-    def _run_pass(self, sync):
+    def _run_pass(self, sync, loss_hook=None):
         if self.passes == 0:
             self._save_rng()
         else:
@@ -193,7 +194,7 @@ class StepContext:
         cm = nullcontext() if sync else self.trainer.accelerator.no_sync(self.model)
         try:
             with cm:
-                loss = self.trainer._stock_training_step(self.model, self.inputs, self.num_items_in_batch)
+                loss = self.trainer._stock_training_step(self.model, self.inputs, self.num_items_in_batch, loss_hook)
         finally:
             if self.passes > 0:
                 self._restore_bn()

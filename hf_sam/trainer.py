@@ -6,6 +6,7 @@ schedule, logging, evaluation and checkpoints stay the stock Trainer's.
 """
 
 import os
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -40,8 +41,11 @@ class SAMTrainer(Trainer):
         self._sam_selection = self._sam_selection_owner = None
         self._sam_metrics = None
         self._sam_last_passes = 1
+        self._sam_loss_hook = None
         self._check_supported()
         self._check_selection()
+        if self.sam_variant.on_setup is not None:
+            self.sam_variant.on_setup(self)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self.sam_tags())
 
@@ -101,9 +105,48 @@ class SAMTrainer(Trainer):
             self._sam_last_passes = max(ctx.passes, 1)
         return ctx.loss()
 
-    def _stock_training_step(self, model, inputs, num_items_in_batch):
-        """One pass of the stock training_step: same loss path, GA/num_items scaling and backward."""
-        return super().training_step(model, inputs, num_items_in_batch)
+    def _stock_training_step(self, model, inputs, num_items_in_batch, loss_hook=None):
+        """One pass of the stock training_step: same loss path, GA/num_items scaling and backward.
+
+        loss_hook(compute, model, inputs, num_items_in_batch) -> (loss, outputs), if given, wraps the
+        loss computation of this pass; `compute(inputs)` runs the stock compute_loss and returns
+        (loss, outputs). Variants use it for per-sample losses and extra loss terms.
+        """
+        self._sam_loss_hook = loss_hook
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._sam_loss_hook = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hook = getattr(self, "_sam_loss_hook", None)
+        if hook is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def compute(batch):
+            return super(SAMTrainer, self).compute_loss(model, batch, return_outputs=True,
+                                                        num_items_in_batch=num_items_in_batch)
+
+        loss, outputs = hook(compute, model, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- variant hooks around evaluation and saving (e.g. WASAM's averaged weights) -------------
+    def _variant_hook(self, name):
+        hook = self.sam_variant.hooks.get(name)
+        return hook(self) if hook is not None else nullcontext()
+
+    def evaluate(self, *args, **kwargs):
+        with self._variant_hook("evaluate"):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        with self._variant_hook("evaluate"):
+            return super().predict(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        with self._variant_hook("save_model"):
+            return super().save_model(*args, **kwargs)
 
     def _selection(self) -> Selection:
         opt = self.optimizer

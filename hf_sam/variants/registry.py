@@ -21,6 +21,10 @@ class Variant:
     uses_rho: rho = 0 turns the variant into the stock Trainer step.
     paper: {"title", "authors", "venue", "arxiv", "bibtex"} for cards and docs.
     check: `check(config)` raises ValueError for settings the variant cannot accept.
+    hooks: optional context-manager factories `hook(trainer)` the trainer enters around
+        "evaluate" (evaluate/predict) and "save_model" (e.g. to swap in averaged weights).
+    on_setup: optional `on_setup(trainer)` run once in SAMTrainer.__init__ (check the setup, e.g.
+        the optimizer type or dataset columns, and raise ValueError before training starts).
     """
 
     name: str
@@ -30,10 +34,13 @@ class Variant:
     uses_rho: bool = True
     paper: dict = field(default_factory=dict)
     check: Callable = _no_check
+    hooks: dict = field(default_factory=dict)
+    on_setup: Callable | None = None
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
-             paper: dict | None = None, check: Callable | None = None, replace: bool = False):
+             paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
+             on_setup: Callable | None = None, replace: bool = False):
     """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable."""
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"variant name must be a non-empty identifier, got {name!r}")
@@ -42,7 +49,8 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
         if name in _REGISTRY and not replace:
             raise ValueError(f"variant {name!r} is already registered; pass replace=True to override it")
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
-                                  paper=dict(paper or {}), check=check or _no_check)
+                                  paper=dict(paper or {}), check=check or _no_check,
+                                  hooks=dict(hooks or {}), on_setup=on_setup)
         return fn
 
     return wrap
