@@ -1,0 +1,117 @@
+"""Settings: one source of truth, parsing from the command line and YAML, refusals with clear messages."""
+
+import math
+
+import pytest
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+import tiny
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments
+from hf_sam.config import PREFIX
+
+
+def test_every_setting_is_an_argument_with_the_same_default_and_help():
+    import dataclasses
+
+    arg_fields = {f.name: f for f in dataclasses.fields(SAMTrainingArguments)}
+    for f in dataclasses.fields(SAMConfig):
+        af = arg_fields[PREFIX + f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        arg_default = af.default if af.default is not dataclasses.MISSING else af.default_factory()
+        assert arg_default == default, f.name
+        assert af.metadata["help"] == f.metadata["help"] and "%" not in af.metadata["help"]
+
+
+def test_command_line_parsing_and_help(tmp_path):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--sam_variant", "asam", "--sam_rho", "0.5", "--sam_interval", "2",
+         "--sam_perturb_exclude", "head", "bias", "--sam_same_dropout", "false"])
+    cfg = args.sam_config
+    assert (cfg.variant, cfg.rho, cfg.interval, cfg.same_dropout) == ("asam", 0.5, 2, False)
+    assert cfg.perturb_exclude == ["head", "bias"] and cfg.effective_adaptive
+    text = parser.format_help()
+    assert "--sam_rho" in text and "--sam_variant" in text
+
+
+def test_yaml_and_json_configs(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "sam_rho": 0.1, "sam_variant": "sam",
+                                    "sam_rho_scaling": "none", "learning_rate": 0.01}))
+    (args,) = HfArgumentParser(SAMTrainingArguments).parse_yaml_file(str(path))
+    assert args.sam_config.rho == 0.1 and args.learning_rate == 0.01
+    (args,) = HfArgumentParser(SAMTrainingArguments).parse_dict({"output_dir": str(tmp_path), "sam_eta": 0.2,
+                                                                "sam_variant": "asam"})
+    assert args.sam_config.eta == 0.2
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"variant": "nosuch"}, ["variant='nosuch'", "sam", "asam"]),
+    ({"rho": -0.1}, ["rho=-0.1", ">= 0"]),
+    ({"rho": math.nan}, ["rho=nan", "finite"]),
+    ({"rho": math.inf}, ["rho=inf", "finite"]),
+    ({"eta": -1.0}, ["eta=-1.0", ">= 0"]),
+    ({"interval": 0}, ["interval=0", ">= 1"]),
+    ({"perturb": "everything"}, ["perturb='everything'", "trainable", "lora", "norm"]),
+    ({"rho_scaling": "mup2"}, ["rho_scaling='mup2'", "none", "mupp"]),
+    ({"start": 0.8, "end": 0.5}, ["start=0.8", "end=0.5"]),
+    ({"mupp_base_width": 64}, ["mupp_base_width", "rho_scaling"]),
+    ({"rho_scaling": "mupp"}, ["mupp_base_width"]),
+    ({"rho_scaling": "mupp", "mupp_base_width": 8, "mupp_roles": {"wte": "inputs"}}, ["mupp_roles", "input"]),
+])
+def test_bad_settings_are_refused_with_the_setting_and_allowed_values(kwargs, words):
+    with pytest.raises(ValueError) as err:
+        SAMConfig(**kwargs)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="sam_rho|rho=-1"):
+        SAMTrainingArguments(output_dir=str(tmp_path), sam_rho=-1.0, report_to=[])
+
+
+def test_config_source_priority(tmp_path):
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert SAMTrainer(model=tiny.MLP(), args=plain).sam_config == SAMConfig()  # defaults: SAM, rho 0.05
+    args = tiny.args(tmp_path, sam_rho=0.3)
+    assert SAMTrainer(model=tiny.MLP(), args=args).sam_config.rho == 0.3
+    assert SAMTrainer(model=tiny.MLP(), args=args, sam_config=SAMConfig(rho=0.7)).sam_config.rho == 0.7
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise"])
+def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
+    with pytest.raises(ValueError, match=optim):
+        tiny.trainer(tmp_path, optim=optim)
+
+
+def test_deepspeed_and_fsdp_are_refused(tmp_path):
+    tr = tiny.trainer(tmp_path)
+    tr.is_deepspeed_enabled = True
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        tr._check_supported()
+    tr.is_deepspeed_enabled, tr.is_fsdp_enabled = False, True
+    with pytest.raises(ValueError, match="FSDP"):
+        tr._check_supported()
+
+
+def test_selection_that_leaves_nothing_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="no parameter"):
+        tiny.trainer(tmp_path, sam_config=SAMConfig(perturb_include=["^nothing$"]))
+
+
+def test_registry_is_open_to_users():
+    from hf_sam import variants
+
+    @variants.register("user_variant_test")
+    def mine(ctx):
+        ctx.grad(final=True)
+
+    try:
+        assert "user_variant_test" in variants.available()
+        assert SAMConfig(variant="user_variant_test").variant == "user_variant_test"
+        with pytest.raises(ValueError, match="already registered"):
+            variants.register("user_variant_test")(mine)
+    finally:
+        variants.unregister("user_variant_test")
