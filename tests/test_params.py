@@ -250,7 +250,7 @@ def test_lora_with_disabled_adapters_raises():
 def test_lora_with_merged_adapters_raises_and_works_again_after_unmerge():
     model = lora_gpt2()
     model.merge_adapter()
-    with pytest.raises(ValueError, match=r"perturb='lora'.*merged.*GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match=r"perturb='lora'.*GPT2LMHeadModel.*merged"):
         select(model, perturb="lora")
     model.unmerge_adapter()
     assert select(model, perturb="lora") == names_matching(model, r"\.lora_[AB]\.")
