@@ -106,8 +106,113 @@ class SAMConfig:
                                     "or joint (the paper's MLP form).", choices=MUPP_DENOMINATORS,
                                     when=("rho_scaling", ("mupp",)))
     # --- variant settings, group A (gsam, fsam, looksam, esam, ssam, msam, crsam) ------------
+    gsam_alpha: float = setting(0.4, "GSAM: descend with g_adv - alpha * g_perp, g_perp the part of the clean gradient "
+                                "orthogonal to g_adv. alpha = 0 with gsam_rho_min unset is SAM.",
+                                check=_nonneg, allowed="a finite number >= 0", used_by=("gsam",))
+    gsam_rho_min: float | None = setting(None, "GSAM: rho at the schedule's lowest learning rate; rho_t follows the LR "
+                                         "linearly from gsam_rho_min (lowest LR) to rho (peak LR). None: constant rho.",
+                                         check=_nonneg, allowed="a finite number >= 0 (and <= rho)",
+                                         used_by=("gsam",))
+    fsam_sigma: float = setting(1.0, "F-SAM: ascend along g - sigma * m, m the EMA of past clean gradients. 0 is SAM.",
+                                check=_nonneg, allowed="a finite number >= 0", used_by=("fsam",))
+    fsam_lambda: float = setting(0.9, "F-SAM: EMA decay of the clean-gradient average m (per micro-batch).",
+                                 check=_unit, allowed="a number in [0, 1]", used_by=("fsam",))
+    looksam_k: int = setting(5, "LookSAM: run the full SAM step (and refresh g_v) on every k-th optimizer step; the "
+                             "steps between cost one pass.",
+                             check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                             allowed="an integer >= 1", used_by=("looksam",))
+    looksam_alpha: float = setting(0.7, "LookSAM: weight of the stored direction g_v on the one-pass steps.",
+                                   check=_nonneg, allowed="a finite number >= 0", used_by=("looksam",))
+    esam_beta: float = setting(0.5, "ESAM: probability that a parameter tensor is perturbed (stochastic weight "
+                               "perturbation, scaled by 1/beta). 1 perturbs every tensor.",
+                               check=lambda x: math.isfinite(x) and 0.0 < x <= 1.0, allowed="a number in (0, 1]",
+                               used_by=("esam",))
+    esam_gamma: float = setting(0.5, "ESAM: fraction of each micro-batch kept for the descent: the samples whose loss "
+                                "rises most under the perturbation. 1 keeps all.",
+                                check=lambda x: math.isfinite(x) and 0.0 < x <= 1.0, allowed="a number in (0, 1]",
+                                used_by=("esam",))
+    ssam_sparsity: float = setting(0.5, "SSAM: fraction of the coordinates that are not perturbed. 0 is SAM.",
+                                   check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)",
+                                   used_by=("ssam",))
+    ssam_mask: str = setting("fisher", "SSAM: how the mask is chosen: fisher (largest squared per-sample gradients, "
+                             "SSAM-F) or dynamic (random start, drop by |g| and regrow at random, SSAM-D).",
+                             choices=("fisher", "dynamic"), used_by=("ssam",))
+    ssam_update_interval: int = setting(100, "SSAM: refresh the mask every this many optimizer steps (the official "
+                                        "code refreshes every 1-5 epochs).",
+                                        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                                        allowed="an integer >= 1", used_by=("ssam",))
+    ssam_fisher_samples: int = setting(16, "SSAM-F: single-sample gradients summed into the Fisher score, taken "
+                                       "from the micro-batch of the refresh step (at most its size).",
+                                       check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                                       allowed="an integer >= 1", used_by=("ssam",), when=("ssam_mask", ("fisher",)))
+    ssam_drop_rate: float = setting(0.5, "SSAM-D: initial fraction of the live mask entries dropped and regrown at a "
+                                    "refresh, cosine-annealed to 0 over training.", check=_unit,
+                                    allowed="a number in [0, 1]", used_by=("ssam",), when=("ssam_mask", ("dynamic",)))
+    crsam_gamma: float = setting(0.1, "CR-SAM: weight of the curvature term g+ + g- - 2 g0. 0 with crsam_beta = 0 is SAM.",
+                                 check=_nonneg, allowed="a finite number >= 0", used_by=("crsam",))
+    crsam_beta: float = setting(0.1, "CR-SAM: weight of the gradient-difference term g+ - g-.",
+                                check=_nonneg, allowed="a finite number >= 0", used_by=("crsam",))
     # (end of group A)
     # --- variant settings, group B (universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam)
+    universal_samples: int | None = setting(
+        None, "Frob-/Det-/Trace-SAM: number n of random perturbations per step (1 + n passes). "
+        "Default (None): 2 for frobsam (which needs n >= 2), 1 for detsam and tracesam.",
+        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, allowed="an integer >= 1",
+        used_by=("frobsam", "detsam", "tracesam"))
+    universal_lambda: float | None = setting(
+        None, "Frob-/Det-/Trace-SAM: weight lambda of the sharpness term. "
+        "Default (None): 0.005 for frobsam, 1.0 for detsam and tracesam (official README).",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("frobsam", "detsam", "tracesam"))
+    detsam_half_cube: float = setting(
+        0.01, "Det-SAM: half side h of the cube U[-h, h]^d the samples s_i are drawn from (perturbation rho * s_i).",
+        check=_positive, allowed="a finite number > 0", used_by=("detsam",))
+    rsam_sigma: float = setting(
+        0.01, "R-SAM: standard deviation of the Gaussian weight noise added before the ascent "
+        "(0 reproduces SAM). Default unverified against the paper.",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("rsam",))
+    rwp_alpha: float = setting(
+        0.5, "RWP: weight of the noisy gradient, d = alpha * g(w + noise) + (1 - alpha) * g(w).",
+        check=_unit, allowed="a number in [0, 1]", used_by=("rwp",))
+    rwp_gamma: float = setting(
+        0.01, "RWP: filter-wise noise scale; row r of a weight matrix gets N(0, (gamma * ||w_r||)^2).",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("rwp",))
+    sampa_lambda: float = setting(
+        0.2, "SAMPa: weight of the extrapolated gradient, d = (1 - lambda) g(x~) + lambda g(y).",
+        check=_unit, allowed="a number in [0, 1]", used_by=("sampa",))
+    saf_lambda: float | None = setting(
+        None, "SAF/MESA: weight of the KL trajectory loss. Default (None): 0.16 for saf, 0.3 for mesa (official code).",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("saf", "mesa"))
+    saf_temperature: float = setting(
+        5.0, "SAF/MESA: softmax temperature T of the KL term (which is scaled by T^2).",
+        check=_positive, allowed="a finite number > 0", used_by=("saf", "mesa"))
+    saf_start: int = setting(
+        5, "SAF/MESA: the KL term is active in epochs (0-based) strictly greater than this one.",
+        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, allowed="an integer >= 0",
+        used_by=("saf", "mesa"))
+    saf_lag: int = setting(
+        3, "SAF: the reference logits of a sample are the ones it produced this many epochs earlier.",
+        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, allowed="an integer >= 1",
+        used_by=("saf",))
+    mesa_decay: float = setting(
+        0.9998, "MESA: decay of the exponential moving average of the weights (updated after every optimizer step).",
+        check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)", used_by=("mesa",))
+    aesam_delta: float = setting(
+        0.9, "AE-SAM: decay of the running mean and variance of the squared gradient norm (default unverified).",
+        check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)", used_by=("aesam",))
+    aesam_lambda1: float = setting(
+        -1.0, "AE-SAM: threshold coefficient at the end of training; c_t = (t/T) lambda1 + (1 - t/T) lambda2 "
+        "(default unverified).", check=math.isfinite, allowed="a finite number", used_by=("aesam",))
+    aesam_lambda2: float = setting(
+        1.0, "AE-SAM: threshold coefficient at the start of training (default unverified).",
+        check=math.isfinite, allowed="a finite number", used_by=("aesam",))
+    wasam_swa_start: float = setting(
+        0.75, "WASAM: fraction of max_steps after which the weights are averaged (the weights after optimizer "
+        "step s are averaged when s > swa_start * max_steps).", check=_unit, allowed="a number in [0, 1]",
+        used_by=("wasam",))
+    wasam_swa_interval: int = setting(
+        0, "WASAM: average every k-th optimizer step; 0 = once per epoch, at its end (the paper).",
+        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, allowed="an integer >= 0",
+        used_by=("wasam",))
     # (end of group B)
 
     def __post_init__(self):
@@ -217,10 +322,6 @@ class SAMTrainingArguments(_SAMArgumentFields):
     The fields are generated from `SAMConfig`, so names, defaults, help and validation have one
     source. `args.sam_config` returns the validated `SAMConfig`.
     """
-    # --- variant settings, group A (gsam, fsam, looksam, esam, ssam, msam, crsam) ------------
-    # (end of group A)
-    # --- variant settings, group B (universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam)
-    # (end of group B)
 
     def __post_init__(self):
         super().__post_init__()
@@ -235,3 +336,13 @@ def config_from_arguments(args) -> SAMConfig:
     """SAMConfig from any object that has `sam_<name>` attributes (missing ones keep their default)."""
     values = {f.name: getattr(args, PREFIX + f.name) for f in fields(SAMConfig) if hasattr(args, PREFIX + f.name)}
     return SAMConfig(**values)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from SAMConfig (tests/test_readme.py keeps them in sync)."""
+    rows = ["| argument | default | meaning |", "|---|---|---|"]
+    for f in fields(SAMConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `--{PREFIX}{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)
+
