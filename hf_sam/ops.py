@@ -39,7 +39,12 @@ def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = 
 
 def snapshot(tensors: Tensors) -> Tensors:
     """Exact copies (one parameter-sized buffer)."""
-    return torch._foreach_clone([t.detach() for t in tensors]) if tensors else []
+    if not tensors:
+        return []
+    detached = [t.detach() for t in tensors]
+    if hasattr(torch, "_foreach_clone"):
+        return torch._foreach_clone(detached)
+    return [t.clone() for t in detached]  # older torch
 
 
 def restore_(targets: Tensors, saved: Tensors) -> None:

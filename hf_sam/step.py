@@ -84,16 +84,21 @@ class StepContext:
         self._bn_saved = None
 
     # ---- passes ------------------------------------------------------------------------------
-    def grad(self, at=None, final=False, loss_hook=None):
+    def grad(self, at=None, final=False, loss_hook=None, release=False):
         """One forward+backward pass at w + at (at=None: at w).
 
         Temporary pass (final=False): returns the gradients (aligned with ctx.params) and leaves
         `.grad` as it was. Final pass: accumulates into `.grad` like the stock step; returns the loss.
         loss_hook: see SAMTrainer._stock_training_step (per-sample losses, extra loss terms).
+        release: empty the list `at` once the weights have moved, so its tensors are freed before the
+            pass runs (the weights come back from the snapshot, not from `at`): plain SAM then holds
+            one parameter-sized buffer beyond the stock step.
         """
         if self.final_done:
             raise RuntimeError("the final pass of this micro-batch has already run")
         self._position(at)
+        if release and at is not None:
+            at[:] = [None] * len(at)
         if final:
             self._unstash()
             loss = self._run_pass(sync=True, loss_hook=loss_hook)
@@ -155,7 +160,7 @@ class StepContext:
         s = [sel.s[i] for i in idx] if sel.s is not None else None
         q = [sel.q[i] for i in idx] if sel.q is not None else None
         grad_norm = ops.global_norm(gs)
-        e = gs if inplace else torch._foreach_clone(gs)
+        e = gs if inplace else ops.snapshot(gs)
         if self.config.effective_adaptive:
             t = ops.adaptive_weights(ws, [self.names[i] for i in idx], self.config.eta)
             ops.mul_where_(e, t)  # T g

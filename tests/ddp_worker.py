@@ -41,7 +41,8 @@ def run(out_dir, sync_ascent):
     counter = CountAllReduce()
     tr = Recording(model=model, args=tiny.args(out_dir, gradient_accumulation_steps=2, max_steps=3,
                                                 per_device_train_batch_size=4, sam_rho=0.3,
-                                                sam_sync_ascent=sync_ascent, ddp_find_unused_parameters=False),
+                                                sam_sync_ascent=sync_ascent,
+                                                ddp_find_unused_parameters=sync_ascent),
                    train_dataset=tiny.Blobs(n=64), callbacks=[counter])
     tr.seen = []
     counter.trainer = tr

@@ -45,9 +45,10 @@ ASAM_PAPER = {
 
 
 def sam(ctx):
-    g = ctx.grad()                        # clean pass at w (per device, no all-reduce)
-    e = ctx.ascent(g, inplace=True)       # rho * g / ||g||, selected parameters only
-    ctx.grad(at=e, final=True)            # descent pass at w + e, accumulates into .grad
+    g = ctx.grad()                          # clean pass at w (per device, no all-reduce)
+    e = ctx.ascent(g, inplace=True)         # rho * g / ||g||, selected parameters only, in g's storage
+    del g
+    ctx.grad(at=e, final=True, release=True)  # descent pass at w + e, accumulates into .grad
 
 
 register("sam", paper=SAM_PAPER)(sam)
