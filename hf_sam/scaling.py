@@ -102,8 +102,9 @@ def parameter_roles(model, named_params, config) -> list[ParamRole]:
     convention = resolve_convention(named_params, config)
     user = _compile_roles(config.mupp_roles)
     use_infshape = convention == "mup" and any(hasattr(p, "infshape") for _, p in named_params)
+    readouts = _readout_class_params(model) if use_infshape else set()
     facts = None if use_infshape else _ModelFacts(model)
-    m = None if use_infshape else model_width(model, config) / config.mupp_base_width
+    m = None if use_infshape else model_width(model, config) / _base_width(config)
     roles = []
     for name, p in named_params:
         pm = _infshape_mult(p) if use_infshape else m
@@ -111,7 +112,7 @@ def parameter_roles(model, named_params, config) -> list[ParamRole]:
         if matched is not None:
             roles.append(ParamRole(name, matched[1], pm, f"mupp_roles[{matched[0].pattern!r}]"))
         elif use_infshape:
-            roles.append(_infshape_role(name, p))
+            roles.append(_infshape_role(name, p, id(p) in readouts))
         else:
             role, reason = facts.default_role(name, p, convention)
             roles.append(ParamRole(name, role, m, reason))
@@ -128,6 +129,13 @@ def _compile_roles(mapping):
         if role not in ("input", "hidden", "output", "fixed"):
             raise ValueError(f"mupp_roles[{pattern!r}]={role!r} is not a role; choose one of input, hidden, output, fixed.")
     return compiled
+
+
+def _base_width(config) -> int:
+    if config.mupp_base_width is None:
+        raise ValueError("rho_scaling='mupp' needs mupp_base_width (sam_mupp_base_width): the width at which muP^2 "
+                         "equals plain SAM, e.g. the width the hyperparameters were tuned at.")
+    return int(config.mupp_base_width)
 
 
 def model_width(model, config) -> int:
@@ -152,8 +160,17 @@ def _infshape_mult(p) -> float:
     return float(shape.width_mult())
 
 
-def _infshape_role(name, p) -> ParamRole:
-    """Role from mup's infshape: 0 width dims -> fixed, 1 -> vector-like (input/readout), 2 -> matrix."""
+def _readout_class_params(model) -> set[int]:
+    """ids of the parameters of mup readout layers (MuReadout, MuSharedReadout), recognised by class name."""
+    return {id(p) for m in model.modules() if "Readout" in type(m).__name__ for p in m.parameters(recurse=False)}
+
+
+def _infshape_role(name, p, in_readout=False) -> ParamRole:
+    """Role from mup's infshape: 0 width dims -> fixed, 1 -> vector-like (input, or output in a readout), 2 -> matrix.
+
+    Under the mup convention input-like and output-like tensors get the same factors; the readout is
+    named only to make `parameter_roles` readable.
+    """
     shape = getattr(p, "infshape", None)
     if shape is None:
         return ParamRole(name, "fixed", 1.0, "no infshape (mup base shapes not set for it)")
@@ -161,7 +178,8 @@ def _infshape_role(name, p) -> ParamRole:
     if k == 0:
         return ParamRole(name, "fixed", 1.0, "infshape: no width dimension")
     if k == 1:
-        return ParamRole(name, "input", float(shape.width_mult()), "infshape: one width dimension")
+        role, reason = ("output", "infshape: readout weight") if in_readout else ("input", "infshape: one width dimension")
+        return ParamRole(name, role, float(shape.width_mult()), reason)
     return ParamRole(name, "hidden", float(shape.width_mult()), "infshape: matrix",
                      hidden_ratio=float(shape.fanin_fanout_mult_ratio()))
 
@@ -180,6 +198,11 @@ def _canonical(path: str) -> str:
     return ".".join(out)
 
 
+def _is_adapter_part(path: str) -> bool:
+    """True for modules inside a PEFT LoRA adapter (lora_A, lora_B, lora_embedding_A, ...)."""
+    return any(part.startswith("lora_") for part in path.split("."))
+
+
 class _ModelFacts:
     """What the default roles need to know about a model: readout layers, norms, embeddings."""
 
@@ -188,12 +211,15 @@ class _ModelFacts:
         self.output_weights, self.output_biases = set(), set()
         for head in self._heads(model):
             for layer in self._readout_layers(head):
-                self.output_weights.add(id(layer.weight))
-                if getattr(layer, "bias", None) is not None:
-                    self.output_biases.add(id(layer.bias))
+                direct = dict(layer.named_parameters(recurse=False))
+                self.output_weights.add(id(direct["weight"]))
+                if "bias" in direct:
+                    self.output_biases.add(id(direct["bias"]))
         self.input_reason = {}
         for path, module in model.named_modules():
             direct = list(module.parameters(recurse=False))
+            if _is_adapter_part(path):
+                continue  # PEFT adapter tensors keep the generic rules (matrix: hidden, vector: input)
             if is_norm_module(module):
                 reason = "norm"
             elif isinstance(module, nn.Embedding):
@@ -226,12 +252,10 @@ class _ModelFacts:
         """The last linear-like layer of a head (all its PEFT copies), skipping adapter factors."""
         groups = {}
         for path, module in head.named_modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, nn.Parameter) or weight.ndim < 2:
+            weight = dict(module.named_parameters(recurse=False)).get("weight")  # own, not forwarded by a wrapper
+            if weight is None or weight.ndim < 2:
                 continue
-            if weight is not dict(module.named_parameters(recurse=False)).get("weight"):
-                continue
-            if any(part.startswith("lora_") for part in path.split(".")):
+            if _is_adapter_part(path):
                 continue
             groups.setdefault(_canonical(path), []).append(module)
         return list(groups.values())[-1] if groups else []
