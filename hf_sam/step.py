@@ -171,7 +171,7 @@ class StepContext:
         scale = ops.finite_or_zero(rho / (norm + self.config.eps), norm)
         ops.scale_(e, scale, s)
         ops.zero_nonfinite_(e)
-        self.metrics.add("grad_norm", grad_norm * self._grad_unit())
+        self.metrics.add("grad_norm", grad_norm * self.grad_unit())
         self.metrics.add("perturbation_norm", ops.global_norm(e))
         self.metrics.add("ascents", 1.0)
         self.metrics.add("skipped", (~torch.isfinite(norm)).float())
@@ -269,7 +269,7 @@ class StepContext:
         if self._bn_saved is not None:
             ops.restore_(self.selection.batchnorms, self._bn_saved)
 
-    def _grad_unit(self):
+    def grad_unit(self):
         """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
         unit = float(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
         scaler = getattr(self.trainer.accelerator, "scaler", None)

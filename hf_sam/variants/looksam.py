@@ -1,0 +1,78 @@
+"""LookSAM: SAM's extra pass only every k-th step, reusing its direction in between.
+
+Paper: Yong Liu, Siqi Mai, Xiangning Chen, Cho-Jui Hsieh, Yang You. "Towards Efficient and
+Scalable Sharpness-Aware Minimization", CVPR 2022, arXiv 2203.02714. No official code; the form
+follows the paper's algorithm and MarlonBecker/MSAM optimizer/looksam.py (global vectors).
+(rollovd/LookSAM resets the weights to a stale copy on every step: not used as a reference.)
+
+On optimizer steps with global_step % k == 0 (refresh), per micro-batch:
+    e   = rho * g / (||g|| + eps);  g_s = grad L(w + e);  descend with g_s
+    g_v = g_s - ||g_s|| cos(g, g_s) g / ||g||  =  g_s - (g . g_s) / ||g||^2 g   (stored)
+Every other step, one pass:
+    descend with g + alpha * ||g|| / ||g_v|| * g_v
+Norms and inner products are global over the perturbed parameters; a trainable parameter that is
+not perturbed descends with its own gradient. With gradient accumulation the stored g_v is the
+sum of the refresh step's micro-batch g_v (only its direction is used). g_v is per device and
+lives in the checkpoint, with the step it was taken at; a run without a stored g_v (first step,
+or `interval`/`start` gates that skipped the refresh step) refreshes first.
+
+Defaults: k 5, alpha 0.7 (community: k 10, alpha 0.7, rho 0.1; MSAM repo class: k 5, alpha 0.2,
+rho 0.3; unverified against the paper). Cost: 2 passes on refresh steps, 1 pass otherwise
+(1 + 1/k on average); +1 gradient-sized buffer (g_v) kept between steps, +2 transient at refresh.
+"""
+
+import torch
+
+from .. import ops
+from .gsam import common, global_dot, pick
+from .registry import register
+
+PAPER = {
+    "title": "Towards Efficient and Scalable Sharpness-Aware Minimization",
+    "authors": "Yong Liu, Siqi Mai, Xiangning Chen, Cho-Jui Hsieh, Yang You",
+    "venue": "CVPR 2022",
+    "arxiv": "2203.02714",
+    "bibtex": """@inproceedings{liu2022towards,
+  title={Towards Efficient and Scalable Sharpness-Aware Minimization},
+  author={Liu, Yong and Mai, Siqi and Chen, Xiangning and Hsieh, Cho-Jui and You, Yang},
+  booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition},
+  pages={12360--12370},
+  year={2022},
+  url={https://arxiv.org/abs/2203.02714}
+}""",
+}
+
+
+def looksam(ctx):
+    cfg, state = ctx.config, ctx.state
+    step = ctx.trainer.state.global_step
+    g_v = state.get("looksam_gv")
+    g = ctx.grad()                                            # clean pass at w
+    if g_v is None or step % cfg.looksam_k == 0:
+        e = ctx.ascent(g)                                     # rho * g / ||g|| (g kept)
+        g_s = ctx.grad(at=e, release=True)                    # pass at w + e (e freed once applied)
+        idx = common(ctx, g, g_s)
+        gc, gs = pick(g, idx), pick(g_s, idx)
+        n = ops.global_norm(gc) + cfg.eps
+        new = torch._foreach_mul(gc, -global_dot(gc, gs) / (n * n))
+        torch._foreach_add_(new, gs)                          # g_v = g_s - (g . g_s) / ||g||^2 g
+        ops.zero_nonfinite_(new)                              # an fp16 overflow must not stick in g_v
+        if g_v is not None and state.get("looksam_step") == step:
+            for i, x in zip(idx, new):                        # later micro-batch of the refresh step
+                g_v[i] = x if g_v[i] is None else g_v[i].add_(x)
+        else:
+            g_v = [None] * len(ctx.params)
+            for i, x in zip(idx, new):
+                g_v[i] = x
+            state["looksam_gv"], state["looksam_step"] = g_v, step
+        ctx.set_final(g_s)                                    # descend with g_s
+        return
+    idx = common(ctx, g, g_v)
+    if idx:
+        gc, gv = pick(g, idx), pick(g_v, idx)
+        scale = cfg.looksam_alpha * ops.global_norm(gc) / (ops.global_norm(gv) + cfg.eps)
+        torch._foreach_add_(gc, torch._foreach_mul(gv, scale))  # g + alpha ||g|| / ||g_v|| g_v
+    ctx.set_final(g)                                          # one pass in all
+
+
+register("looksam", paper=PAPER)(looksam)

@@ -1,0 +1,98 @@
+"""RWP: random weight perturbation, the mixed noisy/clean gradient.
+
+Tao Li, Weihao Yan, Zehao Lei, Yingwen Wu, Kun Fang, Ming Yang, Xiaolin Huang. "Efficient
+Generalization Improvement Guided by Random Weight Perturbation", arXiv 2211.11489 (code:
+nblt/RWP, train_rwp_parallel.py; follow-up arXiv 2404.00357).
+
+    xi: filter-wise Gaussian noise. A tensor with >= 2 dims gets, in output row r,
+        N(0, (gamma * ||w_r||)^2) with ||w_r|| the norm of the row (all dims but the first);
+        a 1-d (or 0-d) tensor gets N(0, (gamma * (||w|| + 1e-16))^2).
+    d  = alpha * grad L(w + xi) + (1 - alpha) * grad L(w)
+    the base optimizer steps at w with d.
+
+The official code computes the two gradients in parallel on two GPUs, on *different* mini-batches
+(odd ranks the noisy one with loss x 2 alpha, even ranks the clean one with loss x 2 (1 - alpha); DDP
+averaging forms the mix). Here both passes run sequentially on one device on the *same* micro-batch
+(clean pass first, then the noisy pass), so one optimizer step sees each sample once, as the stock
+step does. In multi-process runs every process does both passes on its own micro-batch and the mix
+is averaged once.
+
+Defaults: alpha = 0.5, gamma = 0.01 (CIFAR). alpha = 0 or gamma = 0 gives the stock step. rho is not
+used. Noise is drawn only for the selected parameters (`perturb`), in `model.named_parameters()` order,
+from a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
+`hf_sam.variants.universal.noise_seed`.
+
+Cost: 2 sequential passes (the paper's speed-up needs two devices); buffers: the clean gradient, the
+noise and the snapshot of w.
+"""
+
+import torch
+
+from .registry import register
+from .universal import Noise, named_order
+
+RWP_PAPER = {
+    "title": "Efficient Generalization Improvement Guided by Random Weight Perturbation",
+    "authors": "Tao Li, Weihao Yan, Zehao Lei, Yingwen Wu, Kun Fang, Ming Yang, Xiaolin Huang",
+    "venue": "arXiv 2022",
+    "arxiv": "2211.11489",
+    "bibtex": """@article{li2022efficient,
+  title={Efficient Generalization Improvement Guided by Random Weight Perturbation},
+  author={Li, Tao and Yan, Weihao and Lei, Zehao and Wu, Yingwen and Fang, Kun and Yang, Ming and Huang, Xiaolin},
+  journal={arXiv preprint arXiv:2211.11489},
+  year={2022},
+  url={https://arxiv.org/abs/2211.11489}
+}""",
+}
+
+
+def filter_noise(noise: Noise, p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """RWP's filter-wise noise for one tensor."""
+    w = p.detach()
+    z = noise.normal(w)
+    if w.dim() > 1:
+        std = gamma * w.reshape(w.shape[0], -1).norm(dim=1)
+        return z.mul_(std.reshape((-1,) + (1,) * (w.dim() - 1)).to(z.dtype))
+    return z.mul_(gamma * (w.reshape(-1).norm() + 1e-16).to(z.dtype))
+
+
+def rwp(ctx):
+    cfg = ctx.config
+    alpha, gamma = float(cfg.rwp_alpha), float(cfg.rwp_gamma)
+    if alpha == 0 or gamma == 0:
+        ctx.grad(final=True)  # the mix is the clean gradient: the stock step
+        return
+    g = ctx.grad()  # clean pass at w
+    noise = Noise(ctx)
+    xi = [None] * len(ctx.params)
+    for i in named_order(ctx):
+        if ctx.selection.selected[i]:
+            xi[i] = filter_noise(noise, ctx.params[i], gamma)
+    gn = ctx.grad(at=xi)  # noisy pass at w + xi
+    d = [None] * len(ctx.params)
+    for i, (a, b) in enumerate(zip(g, gn)):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        d[i] = (a, b)
+    idx = [i for i, x in enumerate(d) if x is not None]
+    if idx:
+        clean = [d[i][0] for i in idx]
+        torch._foreach_mul_(clean, 1.0 - alpha)
+        torch._foreach_add_(clean, [d[i][1] for i in idx], alpha=alpha)
+        for i, x in zip(idx, clean):
+            d[i] = x
+    ctx.set_final(d)
+
+
+def _check(config):
+    if config.adaptive:
+        raise ValueError("adaptive has no effect with variant='rwp' (its perturbation is random); "
+                         "remove adaptive=True.")
+    if config.rho_scaling != "none":
+        raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant='rwp'; "
+                         "use rho_scaling='none'.")
+
+
+register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)

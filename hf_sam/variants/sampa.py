@@ -1,0 +1,153 @@
+"""SAMPa: SAM parallelized, computed sequentially on one device.
+
+Wanyun Xie, Thomas Pethick, Volkan Cevher. "SAMPa: Sharpness-aware Minimization Parallelized",
+NeurIPS 2024, arXiv 2410.10683 (code: LIONS-EPFL/SAMPa, train.py).
+
+The auxiliary sequence y replaces the clean gradient of SAM's ascent by the gradient at y_t, which
+the previous step already computed, so the two gradients of a step are independent:
+
+    x~_t    = x_t + rho * grad f(y_t) / (||grad f(y_t)|| + eps)
+    y_{t+1} = x_t - eta_t * grad f(y_t)
+    x_{t+1} = x_t - eta_t * [ (1 - lambda) grad f(x~_t) + lambda grad f(y_{t+1}) ]
+
+The official code runs the two passes on two GPUs; this module runs them one after the other and
+reproduces its numbers exactly (single process, batch = one optimizer step's window):
+- grad f(x~_t) is taken on the *previous* step's batch (the batch grad f(y_t) came from), and
+  grad f(y_{t+1}) on the current batch; the step's descent direction is their (1 - lambda, lambda) mix;
+- the extrapolation y_{t+1} = x_t - lr * (grad f(y_t) + momentum * buf + weight_decay * x_t) uses the
+  SGD momentum buffer and weight decay of the base optimizer when it is torch SGD with a momentum
+  buffer, as the official code; for any other optimizer it is the plain step x_t - lr * grad f(y_t);
+  lr, momentum and weight decay are the parameter's group values of this step;
+- on the first step (no grad f(y) yet) y_1 = x_0 and x~_0 = x_0: both gradients are the clean one,
+  so the first step is the stock step and costs one pass.
+
+With gradient accumulation the window is the batch: grad f(y_t) is the window's accumulated gradient
+(saved unscaled), one perturbation serves every micro-batch of the window, and micro-batch j of this
+window re-uses micro-batch j of the previous one for grad f(x~_t) (so the step equals the official
+code run with batch = window). State: grad f(y) (1 parameter copy), the previous window's prepared
+inputs, the step they belong to; saved with checkpoints. When the previous optimizer step was not a
+SAMPa step (a gate `interval`/`start`/`end`, or a fresh run) the sequence restarts as on the first
+step. In multi-process runs each process keeps its own y-gradient (per-device ascent).
+
+Default lambda = 0.2 ("SAMPa-0.2"; official rho = 0.1 with SGD lr 0.1, momentum 0.9, wd 5e-4).
+lambda = 0 works here (the official code recovers grad f(y) as (agg - pert)/lambda and cannot).
+`rho = 0` gives the stock step. Only selected parameters are moved (`perturb`).
+
+Cost: 2 sequential passes per micro-batch (one on the first step); +2 parameter copies (grad f(y),
+the next one while a window accumulates) + one window of inputs.
+"""
+
+import torch
+
+from .registry import register
+from .universal import micro_step
+
+SAMPA_PAPER = {
+    "title": "SAMPa: Sharpness-aware Minimization Parallelized",
+    "authors": "Wanyun Xie, Thomas Pethick, Volkan Cevher",
+    "venue": "NeurIPS 2024",
+    "arxiv": "2410.10683",
+    "bibtex": """@inproceedings{xie2024sampa,
+  title={{SAMPa}: Sharpness-aware Minimization Parallelized},
+  author={Xie, Wanyun and Pethick, Thomas and Cevher, Volkan},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2024},
+  url={https://arxiv.org/abs/2410.10683}
+}""",
+}
+
+Y_GRAD, INPUTS, STEP = "sampa_y_grad", "sampa_inputs", "sampa_step"
+NEXT_Y, NEXT_INPUTS = "sampa_next_y_grad", "sampa_next_inputs"
+
+
+def _inv_loss_scale(ctx) -> float | torch.Tensor:
+    scaler = getattr(ctx.trainer.accelerator, "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        scale = scaler._get_scale_async()
+        if scale is not None:
+            return 1.0 / scale.float()
+    return 1.0
+
+
+def _capture(box, replay=None):
+    """loss_hook: run the pass on `replay` (the previous batch) if given; store the inputs it ran on."""
+
+    def hook(compute, model, inputs, num_items_in_batch):
+        batch = replay if replay is not None else inputs
+        box.append(dict(batch))
+        return compute(dict(batch))
+
+    return hook
+
+
+def _extrapolation(ctx, y_grad):
+    """-(lr * (grad f(y) + momentum * buf + wd * x)) per selected parameter (the official y step)."""
+    opt = ctx.trainer.optimizer
+    inner = opt
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
+        inner = inner.optimizer
+    sgd = isinstance(inner, torch.optim.SGD)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = [None] * len(ctx.params)
+    with torch.no_grad():
+        for i, (p, yg) in enumerate(zip(ctx.params, y_grad)):
+            if yg is None or not ctx.selection.selected[i]:
+                continue
+            group = group_of[id(p)]
+            d = yg.to(p.dtype).clone()
+            buf = opt.state.get(p, {}).get("momentum_buffer") if sgd else None
+            if buf is not None:
+                extra = p.detach() * group["weight_decay"]
+                extra += buf * group["momentum"]
+                d += extra
+            out[i] = d.mul_(-group["lr"])
+    return out
+
+
+def sampa(ctx):
+    st, trainer = ctx.state, ctx.trainer
+    lam = float(ctx.config.sampa_lambda)
+    micro = micro_step(ctx)
+    last = micro == int(trainer.current_gradient_accumulation_steps or 1) - 1
+    step = int(trainer.state.global_step)
+    if micro == 0:
+        if st.get(STEP) != step - 1:  # fresh run, or the previous step was not a SAMPa step
+            for key in (Y_GRAD, INPUTS, STEP):
+                st.pop(key, None)
+        st[NEXT_Y], st[NEXT_INPUTS] = None, []
+    y_grad = st.get(Y_GRAD)
+    previous = st.get(INPUTS) or []
+    seen = []
+    if y_grad is None:
+        # y_1 = x_0 and x~_0 = x_0: both gradients are the clean one (the stock step, one pass)
+        g_y = ctx.grad(loss_hook=_capture(seen))
+        ctx.set_final(g_y)
+    else:
+        replay = previous[micro] if micro < len(previous) else None
+        # rho grad f(y_t) / ||.||; handed over in backprop units so that the logged grad norm is right
+        unit = ctx.grad_unit()
+        e = ctx.ascent([None if y is None else y / unit for y in y_grad], inplace=True)
+        g_pert = ctx.grad(at=e, loss_hook=_capture([], replay))              # grad f(x~_t), previous batch
+        g_y = ctx.grad(at=_extrapolation(ctx, y_grad), loss_hook=_capture(seen))  # grad f(y_{t+1})
+        d = [None] * len(ctx.params)
+        for i, (a, b) in enumerate(zip(g_pert, g_y)):
+            if a is None and b is None:
+                continue
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            d[i] = a.mul_(1.0 - lam).add_(b, alpha=lam)
+        ctx.set_final(d)
+    # accumulate grad f(y_{t+1}) over the window, unscaled (fp16 loss scale removed)
+    inv = _inv_loss_scale(ctx)
+    acc = st.get(NEXT_Y)
+    if acc is None:
+        acc = [None if g is None else (g * inv).detach() for g in g_y]
+    else:
+        acc = [a if g is None else ((g * inv) if a is None else a.add_(g * inv)) for a, g in zip(acc, g_y)]
+    st[NEXT_Y] = acc
+    st[NEXT_INPUTS].append(seen[-1])
+    if last:
+        st[Y_GRAD], st[INPUTS], st[STEP] = st.pop(NEXT_Y), st.pop(NEXT_INPUTS), step
+
+
+register("sampa", paper=SAMPA_PAPER)(sampa)
