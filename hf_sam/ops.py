@@ -78,3 +78,21 @@ def mul_where_(tensors: Tensors, factors: list[torch.Tensor | None]) -> None:
     if pairs:
         ts, fs = zip(*pairs)
         torch._foreach_mul_(list(ts), [f.to(t.dtype) for t, f in pairs])
+
+
+def mix(a: list, b: list, weight: float) -> list:
+    """(1 - weight) * a + weight * b per parameter, in a's storage; a missing entry counts as zero.
+
+    Lists are aligned (None = no gradient for that parameter); the result is None where both are.
+    """
+    out = [None] * len(a)
+    idx = [i for i, (x, y) in enumerate(zip(a, b)) if x is not None or y is not None]
+    if not idx:
+        return out
+    xs = [a[i] if a[i] is not None else torch.zeros_like(b[i]) for i in idx]
+    ys = [b[i] if b[i] is not None else torch.zeros_like(a[i]) for i in idx]
+    torch._foreach_mul_(xs, 1.0 - weight)
+    torch._foreach_add_(xs, ys, alpha=weight)
+    for i, x in zip(idx, xs):
+        out[i] = x
+    return out

@@ -10,8 +10,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 from transformers.utils import logging as hf_logging
 
 from hf_sam import params as params_module
@@ -25,33 +23,9 @@ hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+from tiny import bert, gpt2, llama, vit  # noqa: E402
+
 # --- tiny models ------------------------------------------------------------------------------------------
-def gpt2(**kw):
-    torch.manual_seed(0)
-    cfg = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16, tie_word_embeddings=False,
-               bos_token_id=0, eos_token_id=0)
-    cfg.update(kw)
-    return GPT2LMHeadModel(GPT2Config(**cfg))
-
-
-def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
-                                        tie_word_embeddings=False))
-
-
-def bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=64, max_position_embeddings=16,
-                                                    num_labels=3))
-
-
-def vit():
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=64, image_size=16, patch_size=8, num_labels=3))
 
 
 def trainable(model):

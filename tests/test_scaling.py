@@ -12,8 +12,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 from transformers.utils import logging as hf_logging
 
 from hf_sam.config import SAMConfig
@@ -23,6 +21,9 @@ hf_logging.set_verbosity_error()
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+from tiny import bert, gpt2, llama, vit  # noqa: E402
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: one CPU thread avoids thread contention on busy machines."""
@@ -30,32 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def gpt2(width=32, tie=False):
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=2, n_head=2, vocab_size=64, n_positions=16,
-                                      tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0))
-
-
-def llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
-                                        tie_word_embeddings=False))
-
-
-def bert():
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=64, max_position_embeddings=16,
-                                                    num_labels=3))
-
-
-def vit():
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=64, image_size=16, patch_size=8, num_labels=3))
 
 
 def mupp(base, **kw):

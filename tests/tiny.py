@@ -82,3 +82,40 @@ def windows(dataset, batch_size, ga, steps):
             window.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
         out.append(window)
     return out
+
+
+# ---- tiny Hugging Face models of four families (built from configs, no download) ----------------
+def gpt2(width=32, tie=False, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(n_embd=width, n_layer=2, n_head=2, vocab_size=64, n_positions=16, tie_word_embeddings=tie,
+               bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    return GPT2LMHeadModel(GPT2Config(**cfg))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
+                                        tie_word_embeddings=False))
+
+
+def bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=64, max_position_embeddings=16,
+                                                    num_labels=3))
+
+
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=8, num_labels=3))

@@ -28,6 +28,7 @@ noise and the snapshot of w.
 
 import torch
 
+from .. import ops
 from .registry import register
 from .universal import Noise, named_order
 
@@ -69,20 +70,7 @@ def rwp(ctx):
         if ctx.selection.selected[i]:
             xi[i] = filter_noise(noise, ctx.params[i], gamma)
     gn = ctx.grad(at=xi)  # noisy pass at w + xi
-    d = [None] * len(ctx.params)
-    for i, (a, b) in enumerate(zip(g, gn)):
-        if a is None and b is None:
-            continue
-        a = torch.zeros_like(b) if a is None else a
-        b = torch.zeros_like(a) if b is None else b
-        d[i] = (a, b)
-    idx = [i for i, x in enumerate(d) if x is not None]
-    if idx:
-        clean = [d[i][0] for i in idx]
-        torch._foreach_mul_(clean, 1.0 - alpha)
-        torch._foreach_add_(clean, [d[i][1] for i in idx], alpha=alpha)
-        for i, x in zip(idx, clean):
-            d[i] = x
+    d = ops.mix(g, gn, alpha)  # (1 - alpha) * g + alpha * g_noisy
     ctx.set_final(d)
 
 

@@ -39,6 +39,8 @@ the next one while a window accumulates) + one window of inputs.
 
 import torch
 
+from .. import ops
+
 from .registry import register
 from .universal import micro_step
 
@@ -129,14 +131,7 @@ def sampa(ctx):
         e = ctx.ascent([None if y is None else y / unit for y in y_grad], inplace=True)
         g_pert = ctx.grad(at=e, loss_hook=_capture([], replay))              # grad f(x~_t), previous batch
         g_y = ctx.grad(at=_extrapolation(ctx, y_grad), loss_hook=_capture(seen))  # grad f(y_{t+1})
-        d = [None] * len(ctx.params)
-        for i, (a, b) in enumerate(zip(g_pert, g_y)):
-            if a is None and b is None:
-                continue
-            a = torch.zeros_like(b) if a is None else a
-            b = torch.zeros_like(a) if b is None else b
-            d[i] = a.mul_(1.0 - lam).add_(b, alpha=lam)
-        ctx.set_final(d)
+        ctx.set_final(ops.mix(g_pert, g_y, lam))  # (1 - lambda) grad f(x~_t) + lambda grad f(y_{t+1})
     # accumulate grad f(y_{t+1}) over the window, unscaled (fp16 loss scale removed)
     inv = _inv_loss_scale(ctx)
     acc = st.get(NEXT_Y)
