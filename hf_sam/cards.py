@@ -64,9 +64,28 @@ def _quick_start(model, repo_id: str) -> str:
             f'model.load_state_dict(load_file("{repo_id}/model.safetensors"))')
 
 
+def _round(value, digits=4):
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def card_settings(config) -> list[tuple[str, object]]:
+    """The settings that shape this run: the core ones, the variant's own, muP^2's when used."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(config):
+        used_by, when = f.metadata.get("used_by"), f.metadata.get("when")
+        if used_by is not None and config.variant not in used_by:
+            continue
+        if when is not None and getattr(config, when[0]) not in when[1]:
+            continue
+        out.append((f.name, getattr(config, f.name)))
+    return out
+
+
 def _last_sam_metrics(log_history):
     for entry in reversed(log_history):
-        found = [(k, round(v, 6)) for k, v in entry.items() if k.startswith("sam/")]
+        found = [(k, _round(v, 6)) for k, v in entry.items() if k.startswith("sam/")]
         if found:
             return found
     return []
@@ -104,9 +123,9 @@ def render_model_card(trainer, summary: TrainingSummary) -> str:
         model_name=summary.model_name,
         origin=origin,
         variant_title=variant_title,
-        eval_results=list((summary.eval_results or {}).items()),
+        eval_results=[(k, _round(v)) for k, v in (summary.eval_results or {}).items()],
         quick_start=_quick_start(trainer.accelerator.unwrap_model(trainer.model), repo_id),
-        sam_settings=[(k, v) for k, v in config.to_dict().items()],
+        sam_settings=card_settings(config),
         sam_metrics=_last_sam_metrics(trainer.state.log_history),
         hyperparameters=list((summary.hyperparameters or {}).items()),
         results_table=make_markdown_table(summary.eval_lines) if summary.eval_lines else "",

@@ -176,6 +176,14 @@ class SAMTrainer(Trainer):
         self._sam_selection, self._sam_selection_owner = selection, opt
         return selection
 
+    def sam_parameter_names(self) -> list[str]:
+        """Names of the parameters the perturbation acts on (after `perturb` and the patterns)."""
+        if self.optimizer is not None:
+            sel = self._selection()
+            return [n for n, keep in zip(sel.names, sel.selected) if keep]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return select_parameters(self.model, named, self.sam_config)
+
     def _metrics(self) -> Metrics:
         if self._sam_metrics is None:
             self._sam_metrics = Metrics(self.args.device)

@@ -275,3 +275,12 @@ def test_late_phase_window(tmp_path):
     tr._stock_training_step = lambda *a, **k: (seen.append(tr.state.global_step), orig(*a, **k))[1]
     tr.train()
     assert sorted(set(s for s in seen if seen.count(s) == 2)) == [4, 5]
+
+
+def test_sam_parameter_names_reports_the_selection(tmp_path):
+    model = tiny.MLP()
+    model.fc1.bias.requires_grad_(False)
+    tr = tiny.trainer(tmp_path, model, sam_config=SAMConfig(perturb_exclude=["^head\\.bias$"]))
+    assert tr.sam_parameter_names() == ["fc1.weight", "head.weight"]
+    tr.create_optimizer()
+    assert tr.sam_parameter_names() == ["fc1.weight", "head.weight"]
