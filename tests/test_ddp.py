@@ -14,11 +14,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(HERE, "ddp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.load(open(out / f"result_rank{r}.json")) for r in range(2)]
+    results = [{}, {}]
+    for mode in ("local", "sync"):  # one trainer per launch
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               os.path.join(HERE, "ddp_worker.py"), str(out), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for r in range(2):
+            results[r].update(json.load(open(out / f"result_{mode}_rank{r}.json")))
+    return results
 
 
 def test_ranks_agree_and_match_the_per_device_reference(ddp_results):
