@@ -410,12 +410,14 @@ def check_launch(training_args):
                           "train one model together over gloo (otherwise each process trains alone).")
 
 
-def finish_run(trainer, metrics, card):
+def finish_run(trainer, metrics, *, tasks, dataset, finetuned_from=None):
     """Save the model (+ processor/tokenizer), metrics per split, trainer state and the model card; push if asked.
 
-    metrics: {"train": {...}, "eval": {...}, "test": {...}}; card: keyword arguments for
-    `create_model_card` (model_name, tasks, dataset, finetuned_from, ...).
+    metrics: {"train": {...}, "eval": {...}, "test": {...}}; tasks, dataset, finetuned_from go into the
+    model card, which is named after the output folder.
     """
+    card = dict(model_name=os.path.basename(os.path.normpath(trainer.args.output_dir)), tasks=tasks,
+                dataset=dataset, finetuned_from=finetuned_from)
     for split, values in metrics.items():
         trainer.log_metrics(split, values)
         trainer.save_metrics(split, values)

@@ -178,11 +178,8 @@ def main(argv=None):
     eval_metrics = trainer.evaluate()
     eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
     metrics = {"train": train_result.metrics, "eval": eval_metrics}
-    finish_run(trainer, metrics, card=dict(
-        model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-        tasks="text-generation",
-        dataset=source,
-        finetuned_from=finetuned_from(script_args.model_name_or_path)))
+    finish_run(trainer, metrics, tasks="text-generation", dataset=source,
+               finetuned_from=finetuned_from(script_args.model_name_or_path))
     rank_zero_print(f"held-out perplexity: {eval_metrics['eval_perplexity']:.2f} "
                     f"(loss {eval_metrics['eval_loss']:.4f}; model, tokenizer, metrics and card in "
                     f"{training_args.output_dir})")

@@ -173,11 +173,8 @@ def main(argv=None):
     metrics = {"train": train_result.metrics,
                "eval": trainer.evaluate(),
                "test": trainer.predict(splits["test"], metric_key_prefix="test").metrics}
-    finish_run(trainer, metrics, card=dict(
-        model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-        tasks="text-classification",
-        dataset=source,
-        finetuned_from=script_args.base_model_id or finetuned_from(script_args.model_name_or_path)))
+    finish_run(trainer, metrics, tasks="text-classification", dataset=source,
+               finetuned_from=script_args.base_model_id or finetuned_from(script_args.model_name_or_path))
     rank_zero_print(f"test accuracy: {metrics['test'].get('test_accuracy', float('nan')):.4f}  "
                     f"(validation {metrics['eval'].get('eval_accuracy', float('nan')):.4f}; "
                     f"model, metrics and card in {training_args.output_dir})")
