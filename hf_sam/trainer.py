@@ -71,6 +71,8 @@ class SAMTrainer(Trainer):
 
     def _check_selection(self):
         """Run parameter selection and rho scaling once now, so bad settings fail before training."""
+        if self.model is None:  # model_init: checked when the model is built, at the first step
+            return
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"{type(self.model).__name__} has no trainable parameter to perturb.")
