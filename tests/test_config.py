@@ -115,3 +115,9 @@ def test_registry_is_open_to_users():
             variants.register("user_variant_test")(mine)
     finally:
         variants.unregister("user_variant_test")
+
+
+def test_model_init_is_supported(tmp_path):
+    tr = SAMTrainer(model_init=lambda: tiny.MLP(), args=tiny.args(tmp_path, max_steps=2), train_dataset=tiny.Blobs())
+    tr.train()
+    assert tr.state.log_history[0]["sam/perturbation_norm"] > 0
