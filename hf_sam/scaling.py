@@ -19,7 +19,7 @@ form with multipliers relative to a base width (m = width / mupp_base_width):
 "a0" is hand-written muP (readout initialised ~1/width, no multiplier), "mup" is the mup package's
 form (MuReadout divides by the width multiplier). With mupp_denominator="joint", q = s (the
 paper's MLP form). At m = 1 every factor is exactly 1: plain SAM. The rule presupposes a model
-trained in muP; see docs/layerwise.md.
+trained in muP; see the README section on rho_scaling.
 
 Roles come, in this order, from `mupp_roles` (regex on the name -> role), from `p.infshape` when the
 mup package set base shapes (and the convention is "auto" or "mup"), or from defaults for
