@@ -269,15 +269,19 @@ class StepContext:
         if self._bn_saved is not None:
             ops.restore_(self.selection.batchnorms, self._bn_saved)
 
-    def grad_unit(self):
-        """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
-        unit = float(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
+    def inverse_loss_scale(self):
+        """1 / the fp16 GradScaler's current scale (a device tensor, no host sync), or 1.0 without one."""
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
             scale = scaler._get_scale_async()
             if scale is not None:
-                return unit / scale.float()
-        return unit
+                return 1.0 / scale.float()
+        return 1.0
+
+    def grad_unit(self):
+        """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
+        unit = float(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
+        return unit * self.inverse_loss_scale()
 
     def _warn_no_grads(self):
         if not getattr(self.trainer, "_sam_warned_no_grads", False):

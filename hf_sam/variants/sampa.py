@@ -62,15 +62,6 @@ Y_GRAD, INPUTS, STEP = "sampa_y_grad", "sampa_inputs", "sampa_step"
 NEXT_Y, NEXT_INPUTS = "sampa_next_y_grad", "sampa_next_inputs"
 
 
-def _inv_loss_scale(ctx) -> float | torch.Tensor:
-    scaler = getattr(ctx.trainer.accelerator, "scaler", None)
-    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
-        scale = scaler._get_scale_async()
-        if scale is not None:
-            return 1.0 / scale.float()
-    return 1.0
-
-
 def _capture(box, replay=None):
     """loss_hook: run the pass on `replay` (the previous batch) if given; store the inputs it ran on."""
 
@@ -133,7 +124,7 @@ def sampa(ctx):
         g_y = ctx.grad(at=_extrapolation(ctx, y_grad), loss_hook=_capture(seen))  # grad f(y_{t+1})
         ctx.set_final(ops.mix(g_pert, g_y, lam))  # (1 - lambda) grad f(x~_t) + lambda grad f(y_{t+1})
     # accumulate grad f(y_{t+1}) over the window, unscaled (fp16 loss scale removed)
-    inv = _inv_loss_scale(ctx)
+    inv = ctx.inverse_loss_scale()
     acc = st.get(NEXT_Y)
     if acc is None:
         acc = [None if g is None else (g * inv).detach() for g in g_y]
