@@ -1,15 +1,28 @@
-"""Benchmark: SAMTrainer (each variant) vs the stock Trainer, side by side in one run.
+"""Benchmark: SAMTrainer (each variant) vs the stock Trainer and the SAM a user would write instead.
 
-For every model preset it trains the stock Trainer and SAMTrainer with each requested variant for
-the same number of steps on the same synthetic batches and prints the median optimizer-step time
-and the peak memory, with their ratios to the stock Trainer. Each configuration runs in its own
-fresh child process (so peak memory is per configuration); the runs alternate and repeat.
+Every configuration trains for the same number of steps on the same synthetic batches, each in a
+fresh child process; the configurations of a table run back to back in one round, and the rounds
+repeat. Time: the median optimizer-step time of a run; "x stock" is the median over rounds of the
+per-round ratio to the stock Trainer (min-max beside it), so slow phases of a shared machine hit
+both sides of a ratio.
 
-    python scripts/bench.py                                   # tiny ViT and GPT-2 on CPU
-    python scripts/bench.py --variants all --steps 20
-    python scripts/bench.py --device cuda --preset large --bf16 --out bench.json   # ViT-B/16, GPT-2 124M
+Memory: on the last step of each run (not timed), the peak bytes of tensors allocated inside the
+step window (training_step(s), clipping, optimizer step) and alive at the same time: a dispatch-level
+tracker on a CPU (scripts/_memtrack.py), the allocator's peak above the step's start on a GPU.
+"extra" is that peak minus the stock Trainer's, in copies of the trainable parameters (with LoRA:
+of the adapters) - plain SAM needs 1.
 
-Peak memory: torch.cuda.max_memory_allocated on a GPU, the child's peak RSS on a CPU.
+Peers: `pytorch_optimizer.SAM` around the Trainer's own AdamW (first_step / second_step around the
+stock training_step, wired into a Trainer subclass), and a loop-style SAM (a per-parameter Python
+loop with `p.data` copies, the common one-file SAM), both at rho 0.05 like SAMTrainer.
+
+    python scripts/bench.py                          # tiny ViT and GPT-2, sam and asam, on CPU
+    python scripts/bench.py --models anchor --variants sam --peers --steps 8 --repeats 3
+    python scripts/bench.py --models vit --variants all --steps 12   # each variant vs its passes
+    python scripts/bench.py --models gpt2 --variants sam --ga 4      # also --compile, --lora, --ddp
+    python scripts/bench.py --suite                  # every table of issue 11 (long on a CPU)
+    python scripts/bench.py --device cuda --preset large --bf16 --peers --out bench.json
+
 A benchmark, not a test: numbers depend on the machine.
 """
 
@@ -17,42 +30,55 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
+import re
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)  # _memtrack
+
+_ANCHOR = dict(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=50257, seq=128, batch=8)
 PRESETS = {
     "tiny": {
         "vit": dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=128, num_labels=10, batch=32),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=512, seq=128, batch=8),
+        "anchor": _ANCHOR,  # GPT-2 4 layers x 256, GPT-2's vocabulary, sequence 128, batch 8
     },
     "large": {  # ViT-B/16 at 224 px and GPT-2 124M at sequence length 1024
         "vit": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, num_labels=1000, batch=64),
         "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257, seq=1024, batch=8),
+        "anchor": _ANCHOR,
     },
 }
+PEERS = {"pto": "pytorch_optimizer.SAM", "loop": "loop SAM"}
+RHO = 0.05
 
 
-def build(model_name, spec):
+# ---- models and data ---------------------------------------------------------------------------
+def build(model_name, spec, ga=1):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
     spec = dict(spec)
     batch = spec.pop("batch")
     g = torch.Generator().manual_seed(0)
+    n = batch * ga * 4
     if model_name == "vit":
         model = ViTForImageClassification(ViTConfig(**spec))
-        n = batch * 4
         data = [{"pixel_values": torch.randn(3, spec["image_size"], spec["image_size"], generator=g),
-                 "labels": torch.randint(0, spec["num_labels"], (), generator=g)} for _ in range(n)]
+                 "labels": torch.randint(0, spec["num_labels"], (), generator=g), "sample_index": i}
+                for i in range(n)]
     else:
         seq = spec.pop("seq")
         model = GPT2LMHeadModel(GPT2Config(**spec))
-        n = batch * 4
         data = []
         for _ in range(n):
             ids = torch.randint(0, spec["vocab_size"], (seq,), generator=g)
@@ -60,24 +86,106 @@ def build(model_name, spec):
     return model, data, batch
 
 
-class StepTimer:
-    """A TrainerCallback recording the wall time of every optimizer step."""
+def add_lora(model, model_name):
+    from peft import LoraConfig, get_peft_model
 
-    def __init__(self, cuda):
+    targets = ["c_attn"] if model_name != "vit" else ["query", "value"]
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+
+
+# ---- the peers: SAM as users wire it into a Trainer ----------------------------------------------
+def loop_sam_class():
+    import torch
+
+    class LoopSAM(torch.optim.Optimizer):
+        """The common one-file SAM: a per-parameter loop, `p.data` copies kept per parameter."""
+
+        def __init__(self, params, base_cls, rho=RHO, **kwargs):
+            super().__init__(params, dict(rho=rho, **kwargs))
+            self.base_optimizer = base_cls(self.param_groups, **kwargs)
+            self.param_groups = self.base_optimizer.param_groups
+            self.defaults.update(self.base_optimizer.defaults)
+
+        @torch.no_grad()
+        def first_step(self, zero_grad=False):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            grad_norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+            for group in self.param_groups:
+                scale = group["rho"] / (grad_norm + 1e-12)
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    self.state[p]["old_p"] = p.data.clone()
+                    e_w = p.grad * scale.to(p)
+                    p.add_(e_w)
+            if zero_grad:
+                self.zero_grad()
+
+        @torch.no_grad()
+        def second_step(self, zero_grad=False):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "old_p" in self.state[p]:
+                        p.data = self.state[p].pop("old_p")
+            self.base_optimizer.step()
+            if zero_grad:
+                self.zero_grad()
+
+        def step(self, closure=None):  # the Trainer calls step() after clipping: restore w, then AdamW
+            self.second_step()
+
+    return LoopSAM
+
+
+def peer_trainer_class():
+    """A Trainer whose optimizer is a SAM wrapper around the Trainer's own optimizer class (AdamW)."""
+    from pytorch_optimizer import SAM
+    from transformers import Trainer
+
+    class TrainerSAM(SAM):
+        def step(self, closure=None):  # the Trainer calls step() after clipping: restore w, then AdamW
+            self.second_step(zero_grad=False)
+
+    class PeerSAMTrainer(Trainer):
+        peer = "pto"
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                wrapper = TrainerSAM if self.peer == "pto" else loop_sam_class()
+                self.optimizer = wrapper(params, cls, rho=RHO, **kwargs)
+            return self.optimizer
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)  # gradient at w
+            sam = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+            sam.first_step(zero_grad=True)  # w + e
+            super().training_step(model, inputs, num_items_in_batch)  # gradient at w + e
+            return loss
+
+    return PeerSAMTrainer
+
+
+# ---- one run, in a child process -----------------------------------------------------------------
+class StepProbe:
+    """A TrainerCallback: the wall time of every optimizer step, and the memory of the last one."""
+
+    def __init__(self, cuda, steps, memory):
         from transformers import TrainerCallback
 
-        timer = self
+        probe = self
 
         class _CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                timer._sync()
-                timer.t0 = time.perf_counter()
+                probe._begin(state.global_step)
 
             def on_step_end(self, args, state, control, **kw):
-                timer._sync()
-                timer.times.append(time.perf_counter() - timer.t0)
+                probe._end(state.global_step)
 
-        self.cuda, self.times, self.callback = cuda, [], _CB()
+        self.cuda, self.steps, self.memory = cuda, steps, memory
+        self.times, self.peak, self.callback = [], None, _CB()
+        self._mode = self._base = None
 
     def _sync(self):
         if self.cuda:
@@ -85,40 +193,78 @@ class StepTimer:
 
             torch.cuda.synchronize()
 
+    def _begin(self, step):
+        self._sync()
+        if self.memory and step == self.steps - 1:  # the last step measures memory, untimed
+            if self.cuda:
+                import torch
+
+                self._base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                from _memtrack import LiveBytes
+
+                self._mode = LiveBytes()
+                self._mode.__enter__()
+        self.t0 = time.perf_counter()
+
+    def _end(self, step):
+        self._sync()
+        dt = time.perf_counter() - self.t0
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.peak, self._mode = self._mode.peak, None
+        elif self._base is not None:
+            import torch
+
+            self.peak, self._base = torch.cuda.max_memory_allocated() - self._base, None
+        else:
+            self.times.append(dt)
+
 
 def run_one(job):
-    """Train one configuration; returns median step time (s) and peak memory (MiB). Runs in a child."""
+    """Train one configuration; returns its step times and memory. Runs in a child process."""
     import torch
     from transformers import Trainer, TrainingArguments
 
     from hf_sam import SAMConfig, SAMTrainer
 
     torch.manual_seed(0)
-    model, data, batch = build(job["model"], PRESETS[job["preset"]][job["model"]])
+    model, data, batch = build(job["model"], PRESETS[job["preset"]][job["model"]], job["ga"])
+    if job["lora"]:
+        model = add_lora(model, job["model"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     cuda = job["device"] == "cuda"
-    timer = StepTimer(cuda)
-    out = tempfile.mkdtemp()
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=job["steps"],
-                             learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=10_000,
-                             disable_tqdm=True, use_cpu=not cuda, bf16=job["bf16"], dataloader_drop_last=True,
-                             optim="adamw_torch", seed=0)
-    kwargs = dict(model=model, args=args, train_dataset=data, callbacks=[timer.callback])
+    memory = not job["compile"]  # a dispatch mode inside compiled graphs would measure the mode
+    probe = StepProbe(cuda, job["steps"], memory)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=job["steps"],
+                             gradient_accumulation_steps=job["ga"], learning_rate=1e-4, report_to=[],
+                             save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=not cuda,
+                             bf16=job["bf16"], dataloader_drop_last=True, optim="adamw_torch", seed=0,
+                             torch_compile=job["compile"], ddp_backend="gloo" if job.get("ddp") else None,
+                             remove_unused_columns=job["variant"] not in ("saf", "mesa"))
+    if job["variant"] not in ("saf", "mesa") and job["model"] == "vit":
+        data = [{k: v for k, v in d.items() if k != "sample_index"} for d in data]
+    kwargs = dict(model=model, args=args, train_dataset=data, callbacks=[probe.callback])
     if job["variant"] == "stock":
         trainer = Trainer(**kwargs)
+    elif job["variant"] in PEERS:
+        cls = peer_trainer_class()
+        cls.peer = job["variant"]
+        trainer = cls(**kwargs)
     else:
-        trainer = SAMTrainer(**kwargs, sam_config=SAMConfig(variant=job["variant"]))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        config = SAMConfig(variant=job["variant"], **({"perturb": "lora"} if job["lora"] else {}))
+        trainer = SAMTrainer(**kwargs, sam_config=config)
     trainer.train()
-    times = timer.times[job["warmup"]:] or timer.times
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"median_step_s": statistics.median(times), "peak_mib": peak}
+    times = probe.times[job["warmup"]:] or probe.times
+    passes = getattr(trainer, "_sam_last_passes", None)
+    return {"step_s": statistics.median(times), "peak_bytes": probe.peak,
+            "param_bytes": sum(p.numel() * p.element_size() for p in trainable), "passes_last": passes}
 
 
 def _child(job, queue):
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
     try:
         queue.put(run_one(job))
     except Exception as err:  # report, don't crash the table
@@ -126,6 +272,13 @@ def _child(job, queue):
 
 
 def run_isolated(job):
+    if job.get("ddp"):
+        return run_ddp(job)
+    if job.get("in_process"):
+        try:
+            return run_one(job)
+        except Exception as err:
+            return {"error": f"{type(err).__name__}: {err}"}
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, queue))
@@ -135,55 +288,170 @@ def run_isolated(job):
     return result
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(job):
+    """The same run in 2 processes (torchrun, gloo on CPU); rank 0's numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(job["ddp"]),
+               "--master_port", str(_free_port()), os.path.abspath(__file__), "--ddp-worker", json.dumps(job),
+               "--ddp-result", result]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        if job["device"] == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if not os.path.exists(result):
+            return {"error": f"torchrun rc={proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        with open(result) as f:
+            return json.load(f)
+
+
+def ddp_worker(job_json, result_path):
+    sys.path.insert(0, HERE)
+    job = json.loads(job_json)
+    try:
+        out = run_one(job)
+    except Exception as err:
+        out = {"error": f"{type(err).__name__}: {err}"}
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(result_path, "w") as f:
+            json.dump(out, f)
+
+
+# ---- tables --------------------------------------------------------------------------------------
+def readme_memory():
+    """variant -> the README's "extra memory" cell (empty when the README is not there)."""
+    path = os.path.join(ROOT, "README.md")
+    out = {}
+    if os.path.exists(path):
+        for line in open(path, encoding="utf-8"):
+            m = re.match(r"\| `(\w+)` \|", line)
+            if m:
+                out[m.group(1)] = line.rstrip().rstrip("|").rsplit("|", 1)[-1].strip()
+    return out
+
+
+def passes_of(config):
+    from hf_sam.variants import get
+
+    if config == "stock":
+        return 1
+    return 2 if config in PEERS else get(config).passes
+
+
+def run_table(title, configs, base_job, repeats, log=print):
+    """Interleaved rounds of `configs` (the first is the baseline); one row per configuration."""
+    results = {c: [] for c in configs}
+    for _ in range(repeats):
+        for c in configs:
+            results[c].append(run_isolated({**base_job, "variant": c}))
+    base = results[configs[0]]
+    readme = readme_memory()
+    rows = []
+    for c in configs:
+        row = dict(table=title, config=PEERS.get(c, c), variant=c, passes=passes_of(c))
+        pairs = [(r, b) for r, b in zip(results[c], base) if "error" not in r and "error" not in b]
+        if not pairs:
+            err = next((r["error"] for r in results[c] + base if "error" in r), "no run")
+            rows.append({**row, "error": err})
+            continue
+        ratios = [r["step_s"] / b["step_s"] for r, b in pairs]
+        row.update(step_ms=1000 * statistics.median(r["step_s"] for r, _ in pairs),
+                   ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                   rounds=len(pairs), param_bytes=pairs[0][0]["param_bytes"])
+        peaks = [r["peak_bytes"] for r, _ in pairs if r["peak_bytes"] is not None]
+        base_peaks = [b["peak_bytes"] for _, b in pairs if b["peak_bytes"] is not None]
+        if peaks and base_peaks:
+            row["peak_mib"] = statistics.median(peaks) / 2**20
+            row["extra_copies"] = (statistics.median(peaks) - statistics.median(base_peaks)) / row["param_bytes"]
+        row["readme"] = "1 (snapshot)" if c in PEERS else readme.get(c, "")
+        rows.append(row)
+    print_table(title, rows, log)
+    return rows
+
+
+def print_table(title, rows, log=print):
+    log(f"\n{title}")
+    log(f"{'config':22} {'passes':>6} {'step ms':>9} {'x stock':>7} {'(min-max)':>11} {'peak MiB':>9} "
+        f"{'extra copies':>12}  README extra memory")
+    for r in rows:
+        if "error" in r:
+            log(f"{r['config']:22} n/a: {r['error'][:100]}")
+            continue
+        mem = f"{r['peak_mib']:9.1f} {r['extra_copies']:12.2f}" if "extra_copies" in r else f"{'n/a':>9} {'n/a':>12}"
+        passes = f"{r['passes']:g}"
+        log(f"{r['config']:22} {passes:>6} {r['step_ms']:9.1f} {r['ratio']:7.2f} "
+            f"{'(%.2f-%.2f)' % (r['ratio_min'], r['ratio_max']):>11} {mem}  {r['readme'][:60]}")
+
+
+def suite_tables(a):
+    """Every table of issue 11, as (title, configs, job overrides, steps, warmup)."""
+    return [
+        ("tiny ViT: stock vs SAMTrainer vs peers", ["stock", "sam", "asam", "pto", "loop"], dict(model="vit"), a.steps),
+        ("tiny GPT-2: stock vs SAMTrainer vs peers", ["stock", "sam", "asam", "pto", "loop"], dict(model="gpt2"),
+         a.steps),
+        ("anchor GPT-2 4x256, seq 128, batch 8", ["stock", "sam", "pto", "loop"], dict(model="anchor"),
+         min(a.steps, 8)),
+        ("tiny GPT-2, gradient accumulation 4", ["stock", "sam", "pto", "loop"], dict(model="gpt2", ga=4),
+         min(a.steps, 8)),
+        ("tiny GPT-2, torch_compile=True", ["stock", "sam"], dict(model="gpt2", compile=True), a.steps),
+        ("tiny GPT-2 + LoRA (r 8, c_attn), perturb=lora", ["stock", "sam"], dict(model="gpt2", lora=True), a.steps),
+        ("tiny GPT-2, DDP 2 processes (torchrun, gloo, CPU)", ["stock", "sam"], dict(model="gpt2", ddp=2), a.steps),
+    ]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: tiny on cpu, large on cuda")
-    p.add_argument("--models", default="vit,gpt2")
+    p.add_argument("--models", default="vit,gpt2", help="comma list of vit, gpt2, anchor")
     p.add_argument("--variants", default="sam,asam", help="comma list, or 'all' for every registered variant")
+    p.add_argument("--peers", action="store_true", help="add pytorch_optimizer.SAM and a loop-style SAM")
+    p.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--compile", action="store_true", help="torch_compile=True (memory is not measured)")
+    p.add_argument("--lora", action="store_true", help="PEFT LoRA adapters, SAM with perturb=lora")
+    p.add_argument("--ddp", type=int, default=0, help="run each configuration in this many processes (torchrun)")
+    p.add_argument("--suite", action="store_true", help="every table of issue 11 (peers, anchor, GA, compile, "
+                                                       "LoRA, DDP, all variants)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="alternate stock/SAM runs this many times")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every configuration in this process (quick checks; times less comparable)")
+    p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ddp-result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.ddp_worker is not None:
+        return ddp_worker(a.ddp_worker, a.ddp_result)
     preset = a.preset or ("large" if a.device == "cuda" else "tiny")
 
-    from hf_sam.variants import available, get
+    from hf_sam.variants import available
 
+    base = dict(preset=preset, device=a.device, steps=a.steps, warmup=a.warmup, bf16=a.bf16, ga=a.ga,
+                compile=a.compile, lora=a.lora, ddp=a.ddp,
+                in_process=a.in_process)
     variants = available() if a.variants == "all" else a.variants.split(",")
+    extra = ["pto", "loop"] if a.peers else []
+    print(f"hf_sam bench: preset={preset} device={a.device} bf16={a.bf16} steps={a.steps} (median after "
+          f"{a.warmup} warm-up steps; the last step measures memory), {a.repeats} interleaved round(s), "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     rows = []
-    for model in a.models.split(","):
-        results = {}
-        for _ in range(a.repeats):
-            for variant in ["stock", *variants]:
-                job = dict(model=model, preset=preset, device=a.device, variant=variant, steps=a.steps,
-                           warmup=a.warmup, bf16=a.bf16)
-                r = run_isolated(job)
-                results.setdefault(variant, []).append(r)
-        base = results["stock"]
-        base_t = statistics.median(r["median_step_s"] for r in base if "error" not in r)
-        base_m = statistics.median(r["peak_mib"] for r in base if "error" not in r)
-        for variant, rs in results.items():
-            ok = [r for r in rs if "error" not in r]
-            if not ok:
-                rows.append(dict(model=model, variant=variant, error=rs[0]["error"]))
-                continue
-            t = statistics.median(r["median_step_s"] for r in ok)
-            m = statistics.median(r["peak_mib"] for r in ok)
-            passes = 1 if variant == "stock" else get(variant).passes
-            rows.append(dict(model=model, variant=variant, passes=passes, step_ms=1000 * t, time_ratio=t / base_t,
-                             peak_mib=m, mem_ratio=m / base_m))
-    mem = "peak GPU MiB" if a.device == "cuda" else "peak RSS MiB"
-    print(f"\nhf_sam bench: preset={preset} device={a.device} bf16={a.bf16} steps={a.steps} (median after "
-          f"{a.warmup} warm-up steps)")
-    print(f"{'model':6} {'variant':10} {'passes':>6} {'step ms':>9} {'x stock':>8} {mem:>13} {'x stock':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:6} {r['variant']:10} n/a: {r['error'][:80]}")
-        else:
-            print(f"{r['model']:6} {r['variant']:10} {r['passes']:>6} {r['step_ms']:9.1f} {r['time_ratio']:8.2f} "
-                  f"{r['peak_mib']:13.0f} {r['mem_ratio']:8.2f}")
+    if a.suite:
+        for title, configs, over, steps in suite_tables(a):
+            rows += run_table(title, configs, {**base, **over, "steps": steps}, a.repeats)
+        rows += run_table("tiny ViT: every variant (1 round)", ["stock", *available()], {**base, "model": "vit"}, 1)
+    else:
+        for model in a.models.split(","):
+            title = f"{model} ({preset})" + (f", GA {a.ga}" if a.ga > 1 else "") + (", compiled" if a.compile else "") \
+                + (", LoRA" if a.lora else "") + (f", DDP {a.ddp} processes" if a.ddp else "")
+            rows += run_table(title, ["stock", *variants, *extra], {**base, "model": model}, a.repeats)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"preset": preset, "device": a.device, "bf16": a.bf16, "rows": rows}, f, indent=1)
@@ -191,5 +459,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     main()

@@ -22,8 +22,9 @@ used. Noise is drawn only for the selected parameters (`perturb`), in `model.nam
 from a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
 `hf_sam.variants.universal.noise_seed`.
 
-Cost: 2 sequential passes (the paper's speed-up needs two devices); buffers: the clean gradient, the
-noise and the snapshot of w.
+Cost: 2 sequential passes (the paper's speed-up needs two devices) + drawing the noise (one normal
+per perturbed coordinate: on a small model at a small batch this costs about as much as a pass);
+buffers: the clean gradient and the snapshot of w (the noise is freed once it is applied).
 """
 
 import torch
@@ -69,7 +70,7 @@ def rwp(ctx):
     for i in named_order(ctx):
         if ctx.selection.selected[i]:
             xi[i] = filter_noise(noise, ctx.params[i], gamma)
-    gn = ctx.grad(at=xi)  # noisy pass at w + xi
+    gn = ctx.grad(at=xi, release=True)  # noisy pass at w + xi (xi freed once applied)
     d = ops.mix(g, gn, alpha)  # (1 - alpha) * g + alpha * g_noisy
     ctx.set_final(d)
 
