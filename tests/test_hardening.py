@@ -115,12 +115,16 @@ def test_config_and_arguments_together_is_an_error(tmp_path):
 
 def test_yaml_numbers_written_as_text_become_numbers(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("output_dir: out\nsam_rho: 1e-2\nsam_eps: 1e-10\nsam_interval: '3'\n")
+    path.write_text("output_dir: out\nlearning_rate: 1e-3\nsam_rho: 1e-2\nsam_eps: 1e-10\nsam_interval: '3'\n")
     assert isinstance(yaml.safe_load(path.read_text())["sam_rho"], str)  # what PyYAML does
     (args,) = HfArgumentParser(SAMTrainingArguments).parse_yaml_file(str(path))
     assert args.sam_rho == 0.01 and isinstance(args.sam_rho, float)
     assert args.sam_eps == 1e-10 and args.sam_interval == 3
     assert args.sam_config.rho == 0.01
+    assert args.learning_rate == 1e-3 and isinstance(args.learning_rate, float)  # the host's fields too
+    path.write_text("output_dir: out\nwarmup_steps: many\n")
+    with pytest.raises(ValueError, match=r"warmup_steps='many' is not a number; warmup_steps takes"):
+        HfArgumentParser(SAMTrainingArguments).parse_yaml_file(str(path))
 
 
 def test_text_that_is_not_a_number_names_the_setting_and_type():
