@@ -331,8 +331,9 @@ def readme_memory():
     if os.path.exists(path):
         for line in open(path, encoding="utf-8"):
             m = re.match(r"\| `(\w+)` \|", line)
-            if m:
-                out[m.group(1)] = line.rstrip().rstrip("|").rsplit("|", 1)[-1].strip()
+            if m:  # the last cell; "\|" inside a cell is an escaped pipe
+                cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+                out[m.group(1)] = cells[-1].strip().replace("\\|", "|")
     return out
 
 
@@ -363,7 +364,8 @@ def run_table(title, configs, base_job, repeats, log=print):
         ratios = [r["step_s"] / b["step_s"] for r, b in pairs]
         row.update(step_ms=1000 * statistics.median(r["step_s"] for r, _ in pairs),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                   rounds=len(pairs), param_bytes=pairs[0][0]["param_bytes"])
+                   rounds=len(pairs), round_ratios=ratios, round_ms=[1000 * r["step_s"] for r, _ in pairs],
+                   param_bytes=pairs[0][0]["param_bytes"])
         peaks = [r["peak_bytes"] for r, _ in pairs if r["peak_bytes"] is not None]
         base_peaks = [b["peak_bytes"] for _, b in pairs if b["peak_bytes"] is not None]
         if peaks and base_peaks:
