@@ -55,6 +55,25 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def reachable_tensor_bytes(device_type="cpu") -> int:
+    """Bytes of the distinct storages of every tensor the garbage collector can see (weights, gradients,
+    optimizer and variant state, data) on `device_type`: the baseline a step starts from."""
+    import gc
+
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            try:
+                if obj.device.type != device_type:
+                    continue
+                key = _key(obj)
+            except (RuntimeError, NotImplementedError):  # tensors without storage (meta, some subclasses)
+                continue
+            seen[key] = key[2]
+    return sum(seen.values())
+
+
 def _key(t):
     storage = t.untyped_storage()
     return storage.device, storage.data_ptr(), storage.nbytes()

@@ -6,15 +6,19 @@ repeat. Time: the median optimizer-step time of a run; "x stock" is the median o
 per-round ratio to the stock Trainer (min-max beside it), so slow phases of a shared machine hit
 both sides of a ratio.
 
-Memory: on the last step of each run (not timed), the peak bytes of tensors allocated inside the
-step window (training_step(s), clipping, optimizer step) and alive at the same time: a dispatch-level
-tracker on a CPU (scripts/_memtrack.py), the allocator's peak above the step's start on a GPU.
-"extra" is that peak minus the stock Trainer's, in copies of the trainable parameters (with LoRA:
-of the adapters) - plain SAM needs 1.
+Memory: on the last step of each run (not timed), the peak bytes of live tensors during the step
+(training_step(s), clipping, optimizer step). On a CPU: the tensors alive when the step starts
+(weights, optimizer and variant state, found by the garbage collector) + the peak of the tensors the
+step allocates and holds at the same time (a dispatch-level tracker, scripts/_memtrack.py); on a GPU:
+the allocator's peak. "extra copies" is that peak minus the stock Trainer's, in copies of the
+trainable parameters (with LoRA: of the adapters) - plain SAM needs 1; persistent state (an EMA, an
+SWA average) counts too.
 
 Peers: `pytorch_optimizer.SAM` around the Trainer's own AdamW (first_step / second_step around the
 stock training_step, wired into a Trainer subclass), and a loop-style SAM (a per-parameter Python
-loop with `p.data` copies, the common one-file SAM), both at rho 0.05 like SAMTrainer.
+loop with `p.data` copies, the common one-file SAM), both at rho 0.05 like SAMTrainer. Wired this way
+they are SAM only without gradient accumulation (first_step zeroes the window's earlier gradients),
+so their rows say n/a with --ga above 1.
 
     python scripts/bench.py                          # tiny ViT and GPT-2, sam and asam, on CPU
     python scripts/bench.py --models anchor --variants sam --peers --steps 8 --repeats 3
@@ -199,11 +203,12 @@ class StepProbe:
             if self.cuda:
                 import torch
 
-                self._base = torch.cuda.memory_allocated()
+                self._base = 0
                 torch.cuda.reset_peak_memory_stats()
             else:
-                from _memtrack import LiveBytes
+                from _memtrack import LiveBytes, reachable_tensor_bytes
 
+                self._base = reachable_tensor_bytes("cpu")
                 self._mode = LiveBytes()
                 self._mode.__enter__()
         self.t0 = time.perf_counter()
@@ -211,13 +216,13 @@ class StepProbe:
     def _end(self, step):
         self._sync()
         dt = time.perf_counter() - self.t0
-        if self._mode is not None:
+        if self._mode is not None:  # CPU: what the step started with + the window's peak of new tensors
             self._mode.__exit__(None, None, None)
-            self.peak, self._mode = self._mode.peak, None
-        elif self._base is not None:
+            self.peak, self._mode, self._base = self._base + self._mode.peak, None, None
+        elif self._base is not None:  # GPU: the allocator's peak (it includes what the step started with)
             import torch
 
-            self.peak, self._base = torch.cuda.max_memory_allocated() - self._base, None
+            self.peak, self._base = torch.cuda.max_memory_allocated(), None
         else:
             self.times.append(dt)
 
@@ -229,6 +234,9 @@ def run_one(job):
 
     from hf_sam import SAMConfig, SAMTrainer
 
+    if job["variant"] in PEERS and job["ga"] > 1:
+        raise ValueError("not a SAM under gradient accumulation: first_step(zero_grad=True) on every micro-batch "
+                         "drops the window's earlier gradients")
     torch.manual_seed(0)
     model, data, batch = build(job["model"], PRESETS[job["preset"]][job["model"]], job["ga"])
     if job["lora"]:
@@ -399,7 +407,7 @@ def suite_tables(a):
          a.steps),
         ("anchor GPT-2 4x256, seq 128, batch 8", ["stock", "sam", "pto", "loop"], dict(model="anchor"),
          min(a.steps, 8)),
-        ("tiny GPT-2, gradient accumulation 4", ["stock", "sam", "pto", "loop"], dict(model="gpt2", ga=4),
+        ("tiny GPT-2, gradient accumulation 4", ["stock", "sam"], dict(model="gpt2", ga=4),
          min(a.steps, 8)),
         ("tiny GPT-2, torch_compile=True", ["stock", "sam"], dict(model="gpt2", compile=True), a.steps),
         ("tiny GPT-2 + LoRA (r 8, c_attn), perturb=lora", ["stock", "sam"], dict(model="gpt2", lora=True), a.steps),

@@ -12,7 +12,7 @@ import tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import bench  # noqa: E402
-from _memtrack import LiveBytes  # noqa: E402
+from _memtrack import LiveBytes, reachable_tensor_bytes  # noqa: E402
 
 
 def test_live_bytes_counts_new_storage_not_views():
@@ -28,6 +28,11 @@ def test_live_bytes_counts_new_storage_not_views():
     assert mem.peak == 8000
     assert mem.live == 4000
     del c
+    before = reachable_tensor_bytes()
+    kept = [torch.zeros(250), torch.zeros(250)]  # two new storages: 2000 bytes
+    view = kept[0][:10]  # no new storage
+    assert reachable_tensor_bytes() - before == 2000
+    del kept, view
 
 
 def _reference_sam(model, batches, rho, lr):
