@@ -1,0 +1,36 @@
+"""Run by test_sharpness.py under `torchrun --nproc_per_node 2` (CPU, gloo): each rank measures half of
+the batches of the test's union, through a DDP-wrapped model, and writes rank<r>.json."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sharpness import make_batches, make_model  # noqa: E402
+
+from hf_sam.sharpness import hessian_eigenvalues, hessian_trace, m_sharpness  # noqa: E402
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    share = make_batches(n_batches=4)[rank::2]  # rank 0: batches 0, 2; rank 1: batches 1, 3
+    result = {
+        "m_sharpness": m_sharpness(ddp, share, 0.1, m=4),
+        "eigenvalues": hessian_eigenvalues(ddp, share, k=2, iters=100, tol=1e-8, method="lanczos"),
+        "trace": list(hessian_trace(ddp, share, samples=20, seed=5, return_stderr=True)),
+        "weights_unchanged": all(torch.equal(p, b) for p, b in zip(model.parameters(), before)),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
