@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -153,6 +153,15 @@ def _measuring(model, named, train_mode=False):
             m.training = flag
 
 
+def _math_attention():
+    """scaled_dot_product_attention through its plain-math kernel, the one with a double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(int(seed))
 
@@ -190,7 +199,8 @@ class _HVP:
     def __call__(self, v):
         out = [torch.zeros_like(x) for x in v]
         for batch in self.batches:
-            loss = _loss(self.model, batch, self.device)
+            with _math_attention():  # fused attention kernels have no double backward
+                loss = _loss(self.model, batch, self.device)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             gv = sum((g.float() * x).sum() for g, x in zip(grads, v) if g is not None)
             if torch.is_tensor(gv) and gv.requires_grad:
