@@ -7,6 +7,8 @@ Each RUN is an output folder (its trainer_state.json, or else the one of its new
 trainer_state.json file. The PNG has four panels over optimizer steps: training loss, eval loss,
 eval accuracy (eval perplexity for language models) and `sam/sharpness` (the loss increase
 L(w + e) - L(w) that SAMTrainer logs), one line per run and a legend. Panels without data say so.
+Runs that logged `sharpness/*` measurements (hf_sam.SharpnessCallback, `--sam_measure`) get one more
+panel per measurement (top eigenvalue, trace, m-sharpness).
 """
 
 import argparse
@@ -71,6 +73,12 @@ def series(history, read):
     return [s for s, _ in points], [v for _, v in points]
 
 
+def sharpness_panels(histories):
+    """One (title, reader) per `sharpness/*` key logged by any of the runs, in a fixed order."""
+    keys = sorted({k for h in histories for e in h for k in e if k.startswith("sharpness/")})
+    return [(key, lambda e, key=key: e.get(key)) for key in keys]
+
+
 def plot_runs(runs, output, labels=None, title=None):
     """Write the PNG for the given runs; returns the path. Usable from Python as well as the command line."""
     import matplotlib
@@ -88,8 +96,12 @@ def plot_runs(runs, output, labels=None, title=None):
     has_accuracy = any(series(h, PANELS[2][1])[0] for h in histories)
     if not has_accuracy:  # language models: show perplexity instead of accuracy
         panels[2] = PERPLEXITY_PANEL
+    panels += sharpness_panels(histories)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    rows = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.75 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     for ax, (name, read) in zip(axes.flat, panels):
         drawn = 0
         for history, label in zip(histories, labels):
