@@ -5,8 +5,8 @@ Every measurement is a plain function of a model and an iterable of batches (dic
 ModelOutput, `outputs[0]` for a tuple. The measured loss is the average of the batch losses,
 L(w) = (1/B) sum_b L_b(w), so a Hessian-vector product is (1/B) sum_b H_b v.
 
-- `hessian_eigenvalues`: the k eigenvalues of largest magnitude, signed (power iteration with
-  deflation, or Lanczos with full reorthogonalisation);
+- `hessian_eigenvalues`: the k eigenvalues of largest magnitude, signed, or the k largest (Lanczos
+  with full reorthogonalisation, or power iteration with deflation);
 - `hessian_trace`: Hutchinson's estimator with Rademacher vectors (or Hutch++), with its standard error;
 - `hessian_eigenvalues_by_group`: the top eigenvalue of each diagonal block (one per module, or per given group);
 - `m_sharpness`: mean over chunks of m samples of L(w + e) - L(w), e = rho g / ||g|| from the chunk's
@@ -132,7 +132,10 @@ def _allreduce_sum_(tensors):
 
 @contextmanager
 def _measuring(model, named, train_mode=False):
-    """Evaluation mode (or train mode) with requires_grad on the measured parameters; everything put back."""
+    """Evaluation mode (or train mode) with requires_grad on the measured parameters; everything put back.
+
+    Yields the exact copy of the measured parameters that they are restored from.
+    """
     modes = [(m, m.training) for m in model.modules()]
     grad_flags = [(p, p.requires_grad) for _, p in named]
     buffers = ops.snapshot([b for b in model.buffers()]) if train_mode else None
@@ -142,7 +145,7 @@ def _measuring(model, named, train_mode=False):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            yield
+            yield weights
     finally:
         ops.restore_([p for _, p in named], weights)
         if buffers is not None:
@@ -218,20 +221,26 @@ class _HVP:
 # Hessian eigenvalues
 
 
-def hessian_eigenvalues(model, batches, k=1, *, params=None, iters=100, tol=1e-4, seed=0, method="power",
-                        train_mode=False, return_vectors=False):
+def hessian_eigenvalues(model, batches, k=1, *, params=None, iters=100, tol=1e-4, seed=0, method="lanczos",
+                        which="magnitude", train_mode=False, return_vectors=False):
     """The k Hessian eigenvalues of largest magnitude, with their sign, ordered by magnitude.
 
-    method="power": power iteration with deflation (k + 1 vectors in memory; each eigenvalue stops
-    when its Rayleigh quotient changes by less than tol relative, or after `iters` products).
-    method="lanczos": Lanczos with full reorthogonalisation (`iters` vectors in memory; stops when the
-    k Ritz residuals are below tol times the largest Ritz value): fewer products, robust to
-    eigenvalues of nearly equal magnitude.
+    which="largest": the k algebraically largest instead (lambda_max first: the "sharpness" of the
+    literature; at a point that is not a minimum the largest magnitude may be a negative curvature).
+    method="lanczos" (default): Lanczos with full reorthogonalisation. Holds up to `iters`
+    parameter-sized fp32 vectors; robust when eigenvalues of nearly equal magnitude compete (a +-pair).
+    method="power": power iteration with deflation; holds k + 1 vectors, for models too large for
+    Lanczos' basis; needs many more products when |lambda_2 / lambda_1| is close to 1, and which="largest"
+    costs one extra run (a shift by the top magnitude).
+    Both stop when every residual ||H v - lambda v|| is below tol * |lambda_1|, or after `iters` products
+    (per eigenvalue for power iteration).
     Cost: each Hessian-vector product is one forward and two backward passes per batch.
     return_vectors=True also returns the eigenvectors (lists of fp32 tensors shaped like the parameters).
     """
     if method not in ("power", "lanczos"):
         raise ValueError(f"method={method!r}: choose 'power' or 'lanczos'.")
+    if which not in ("magnitude", "largest"):
+        raise ValueError(f"which={which!r}: choose 'magnitude' or 'largest'.")
     if int(k) < 1 or int(iters) < 1:
         raise ValueError(f"k={k} and iters={iters} must be at least 1.")
     model = _unwrap_ddp(model)
@@ -240,11 +249,27 @@ def hessian_eigenvalues(model, batches, k=1, *, params=None, iters=100, tol=1e-4
     n = sum(p.numel() for p in ps)
     if k > n:
         raise ValueError(f"k={k}: the selected parameters have only {n} entries.")
+    args = (ps, int(k), int(iters), float(tol), _gen(seed), n)
     with _measuring(model, named, train_mode):
         hvp = _HVP(model, batches, ps)
-        run = _power if method == "power" else _lanczos
-        values, vectors = run(hvp, ps, int(k), int(iters), float(tol), _gen(seed), n)
-    order = sorted(range(len(values)), key=lambda i: -abs(values[i]))
+        if method == "lanczos":
+            values, vectors = _lanczos(hvp, *args, which=which)
+        else:
+            values, vectors = _power(hvp, *args)
+            if which == "largest" and (k > 1 or values[0] < 0):
+                # H + s I with s = |lambda_top| has no negative eigenvalue: its largest magnitudes are
+                # H's algebraically largest eigenvalues, shifted by s
+                shift = abs(values[0])
+
+                def shifted(v):
+                    hv = hvp(v)
+                    _axpy_(hv, shift, v)
+                    return hv
+
+                values, vectors = _power(shifted, *args)
+                values = [v - shift for v in values]
+    key = (lambda i: -values[i]) if which == "largest" else (lambda i: -abs(values[i]))
+    order = sorted(range(len(values)), key=key)
     values, vectors = [values[i] for i in order], [vectors[i] for i in order]
     return (values, vectors) if return_vectors else values
 
@@ -269,14 +294,14 @@ def _power(hvp, ps, k, iters, tol, gen, n):
         _orthogonalise_(v, vectors)
         v = _unit(v)
         value = 0.0
-        for it in range(iters):
+        for _ in range(iters):
             hv = hvp(v)
-            new = _dot(v, hv).item()  # Rayleigh quotient of the unit vector v
-            _orthogonalise_(hv, vectors)  # deflation: stay orthogonal to the eigenvectors found
-            done = it > 0 and abs(new - value) <= tol * max(abs(new), 1e-30)
-            value = new
+            _orthogonalise_(hv, vectors)  # deflation: the operator restricted to the complement of the found vectors
+            value = _dot(v, hv).item()  # Rayleigh quotient of the unit vector v
+            residual = [h - value * x for h, x in zip(hv, v)]
+            scale = max(abs(values[0]) if values else abs(value), 1e-30)
             nxt = _unit(hv)
-            if done or nxt is None:
+            if _norm(residual).item() <= tol * scale or nxt is None:
                 break
             v = nxt
         values.append(value)
@@ -284,11 +309,15 @@ def _power(hvp, ps, k, iters, tol, gen, n):
     return values, vectors
 
 
-def _lanczos(hvp, ps, k, iters, tol, gen, n):
+def _lanczos(hvp, ps, k, iters, tol, gen, n, which="magnitude"):
     m = min(iters, n)
     q = _unit(_like(ps, lambda shape: torch.randint(0, 2, shape, generator=gen).float() * 2 - 1))
     basis, alphas, betas = [q], [], []
-    evals = evecs = None
+
+    def wanted(evals):
+        key = evals if which == "largest" else evals.abs()
+        return torch.argsort(key, descending=True)[:k]
+
     for j in range(m):
         w = hvp(basis[j])
         alpha = _dot(basis[j], w).item()
@@ -301,33 +330,33 @@ def _lanczos(hvp, ps, k, iters, tol, gen, n):
             off = torch.tensor(betas, dtype=torch.float64)
             T += torch.diag(off, 1) + torch.diag(off, -1)
         evals, evecs = torch.linalg.eigh(T)
-        top = torch.argsort(evals.abs(), descending=True)[:k]
-        scale = evals.abs().max().item()
-        residuals = (beta * evecs[-1, top]).abs()
-        if len(alphas) >= k and (residuals <= tol * max(scale, 1e-30)).all():
+        top = wanted(evals)
+        scale = max(evals.abs().max().item(), 1e-30)
+        residuals = (beta * evecs[-1, top]).abs()  # ||H y - theta y|| of each Ritz pair
+        if len(alphas) >= k and (residuals <= tol * scale).all():
             break
-        if beta <= 1e-10 * max(scale, 1e-30) or j == m - 1:
+        if beta <= 1e-10 * scale or j == m - 1:
             break  # invariant subspace found, or the budget is spent
         torch._foreach_div_(w, beta)
         basis.append(w)
         betas.append(beta)
-    top = torch.argsort(evals.abs(), descending=True)[:k].tolist()
-    values = [evals[i].item() for i in top]
-    vectors = []
+    top = wanted(evals).tolist()
+    if len(top) < k:
+        raise ValueError(f"k={k}: the Hessian's Krylov space has only {len(top)} directions here; "
+                         "pass a smaller k or method='power'.")
+    values, vectors = [evals[i].item() for i in top], []
     for i in top:  # Ritz vectors: V s
         y = [torch.zeros_like(p, dtype=torch.float32) for p in ps]
         for coef, q in zip(evecs[:, i].tolist(), basis):
             _axpy_(y, coef, q)
         vectors.append(y)
-    if len(values) < k:
-        raise ValueError(f"k={k}: the Hessian's Krylov space has only {len(values)} directions here; "
-                         "pass a smaller k or method='power'.")
     return values, vectors
 
 
-def hessian_eigenvalues_by_group(model, batches, groups=None, *, iters=50, tol=1e-3, seed=0, method="power",
-                                 train_mode=False):
-    """Top eigenvalue (largest magnitude, signed) of each diagonal block of the Hessian.
+def hessian_eigenvalues_by_group(model, batches, groups=None, *, iters=50, tol=1e-3, seed=0, method="lanczos",
+                                 which="magnitude", train_mode=False):
+    """Top eigenvalue (largest magnitude, signed; or the largest with which="largest") of each diagonal
+    block of the Hessian.
 
     groups: {label: [parameter names]}; default one group per module that holds trainable parameters
     (its weight and bias together). Cost: the products of `hessian_eigenvalues` once per group
@@ -342,7 +371,7 @@ def hessian_eigenvalues_by_group(model, batches, groups=None, *, iters=50, tol=1
                 groups.setdefault(name.rpartition(".")[0] or name, []).append(name)
     batches = list(batches)
     return {label: hessian_eigenvalues(model, batches, 1, params=names, iters=iters, tol=tol, seed=seed,
-                                       method=method, train_mode=train_mode)[0]
+                                       method=method, which=which, train_mode=train_mode)[0]
             for label, names in groups.items()}
 
 
@@ -445,8 +474,7 @@ def m_sharpness(model, batches, rho, *, m=None, adaptive=False, eta=0.01, params
     device = ps[0].device
     gen = _gen(seed)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of increases, number of chunks]
-    with _measuring(model, named, train_mode):
-        w0 = ops.snapshot(ps)
+    with _measuring(model, named, train_mode) as w0:
         scale = ops.adaptive_weights(w0, names, eta) if adaptive else [None] * len(ps)
         T = [t.float() if t is not None else None for t in scale]
 
@@ -515,7 +543,8 @@ def m_sharpness(model, batches, rho, *, m=None, adaptive=False, eta=0.01, params
 class SharpnessCallback(TrainerCallback):
     """Measure sharpness on a fixed held-out set during training and log it beside the loss.
 
-    Logs `sharpness/top_eigenvalue`, `sharpness/trace`, `sharpness/m_sharpness` (those in `measures`)
+    Logs `sharpness/top_eigenvalue` (lambda_max, the largest Hessian eigenvalue), `sharpness/trace`,
+    `sharpness/m_sharpness` (those in `measures`)
     through `trainer.log`, so they reach `trainer_state.json`'s log_history and every reporting
     integration (TensorBoard, W&B, ...). Works with any Trainer (stock `Trainer`, `SAMTrainer`, ...):
 
@@ -606,7 +635,8 @@ class SharpnessCallback(TrainerCallback):
         out = {}
         if "top_eigenvalue" in self.measures:
             out["sharpness/top_eigenvalue"] = hessian_eigenvalues(
-                model, batches, 1, params=s["params"], iters=s["iters"], tol=s["tol"], seed=s["seed"])[0]
+                model, batches, 1, params=s["params"], iters=s["iters"], tol=s["tol"], seed=s["seed"],
+                which="largest")[0]
         if "trace" in self.measures:
             out["sharpness/trace"] = hessian_trace(model, batches, samples=s["samples"], params=s["params"],
                                                    seed=s["seed"])

@@ -11,7 +11,7 @@ set, the data collator and the model class exactly as in training (nothing is tr
 written to the run). The weights of every checkpoint-<step> folder (in step order) and of the final
 model are then loaded and measured on the first --max_samples validation examples, in evaluation mode:
 
-- top_eigenvalue: the Hessian eigenvalue of largest magnitude (power iteration, --iters products);
+- top_eigenvalue: lambda_max, the largest Hessian eigenvalue (Lanczos, at most --iters products);
 - trace: the Hessian trace (Hutchinson, --samples products);
 - m_sharpness: mean over chunks of --m samples of L(w + e) - L(w), e = rho g / ||g|| (--adaptive: ASAM's).
 
@@ -209,7 +209,7 @@ def measure_model(model, batches, args):
     out = {}
     if "top_eigenvalue" in args.measures:
         out["top_eigenvalue"] = sharpness.hessian_eigenvalues(model, batches, 1, iters=args.iters, tol=args.tol,
-                                                              seed=args.seed)[0]
+                                                              seed=args.seed, method=args.method, which="largest")[0]
     if "trace" in args.measures:
         out["trace"], out["trace_stderr"] = sharpness.hessian_trace(model, batches, samples=args.samples,
                                                                     seed=args.seed, return_stderr=True)
@@ -300,8 +300,12 @@ def build_parser():
     p.add_argument("--m", type=int, default=None, help="m-sharpness chunk size (default: the whole batch)")
     p.add_argument("--adaptive", action="store_true", help="m-sharpness in ASAM's |w|-scaled form")
     p.add_argument("--eta", type=float, default=0.01, help="ASAM's eta for --adaptive (default: 0.01)")
-    p.add_argument("--iters", type=int, default=100, help="power iterations for the top eigenvalue (default: 100)")
-    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the power iteration (default: 1e-3)")
+    p.add_argument("--iters", type=int, default=100, help="most Hessian-vector products for the top eigenvalue "
+                                                          "(default: 100)")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="stop when the residual ||Hv - lambda v|| is below tol * |lambda| (default: 1e-3)")
+    p.add_argument("--method", choices=["lanczos", "power"], default="lanczos",
+                   help="eigenvalue method; power holds 2 vectors instead of up to --iters (default: lanczos)")
     p.add_argument("--samples", type=int, default=50, help="Hutchinson samples for the trace (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default: 0)")
     p.add_argument("--command", default=None,
