@@ -268,6 +268,7 @@ def test_two_process_ddp_equals_one_process_on_the_union(tmp_path):
         output, _ = proc.communicate()
     assert proc.returncode == 0, output[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    shares = [r["callback"].pop("held_out_labels") for r in (r0, r1)]
     assert r0 == r1  # every rank returns the same all-reduced value
     assert r0["weights_unchanged"]
 
@@ -280,6 +281,19 @@ def test_two_process_ddp_equals_one_process_on_the_union(tmp_path):
     one = hessian_trace(model, batches, samples=20, seed=5, return_stderr=True)
     assert r0["trace"][0] == pytest.approx(one[0], rel=1e-5)  # the same Rademacher vectors on every rank
     assert r0["trace"][1] == pytest.approx(one[1], rel=1e-4)
+
+    # the callback on a stock Trainer under DDP: each rank measured 2 of the 4 eval batches
+    logged = r0["callback"]["logged"]
+    assert [e["step"] for e in logged] == [2]
+    model = tiny.MLP(d_in=3)
+    model.load_state_dict({n: torch.tensor(v) for n, v in r0["callback"]["weights"].items()})
+    held_out = tiny.Blobs(n=32, d_in=3, seed=9)
+    batches = [{"x": held_out.x[i:i + 8], "labels": held_out.y[i:i + 8]} for i in range(0, 32, 8)]
+    assert len(shares[0]) == len(shares[1]) == 2 and shares[0] != shares[1]
+    assert sorted(shares[0] + shares[1]) == sorted(b["labels"].tolist() for b in batches)
+    assert logged[0]["sharpness/m_sharpness"] == pytest.approx(hand_m_sharpness(model, batches, 0.05, 8), abs=1e-5)
+    lambda_max = torch.linalg.eigvalsh(exact_hessian(model, batches))[-1].item()
+    assert logged[0]["sharpness/top_eigenvalue"] == pytest.approx(lambda_max, rel=1e-3)
 
 
 # -----------------------------------------------------------------------------
