@@ -91,7 +91,7 @@ def ema_logits(trainer, inputs) -> torch.Tensor:
 def mesa(ctx):
     trainer, cfg = ctx.trainer, ctx.config
     init_ema(trainer)
-    lam = 0.3 if cfg.saf_lambda is None else float(cfg.saf_lambda)
+    lam = float(cfg.saf_lambda)
     active = current_epoch(trainer) > cfg.saf_start and lam != 0
 
     def hook(compute, model, inputs, num_items_in_batch):

@@ -18,14 +18,14 @@ the noise norm grows like sigma * sqrt(#parameters)). The ascent part uses `ctx.
 `adaptive` and `rho_scaling` apply to it as to SAM.
 
 No pass runs at w, so the loss the Trainer reports is the descent pass's L(w + e).
-Noise: a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
-`hf_sam.variants.universal.noise_seed`. Cost: 2 sequential passes; buffers delta, e, snapshot of w.
+Noise: a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
+`hf_sam.variants.common.noise_seed`. Cost: 2 sequential passes; buffers delta, e, snapshot of w.
 """
 
 import torch
 
 from .registry import register
-from .universal import Noise, named_order
+from .common import Noise, named_order
 
 RSAM_PAPER = {
     "title": "Random Sharpness-Aware Minimization",
@@ -63,4 +63,4 @@ def rsam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + delta + rho g~/||g~||
 
 
-register("rsam", trainer_only=True, paper=RSAM_PAPER)(rsam)
+register("rsam", paper=RSAM_PAPER)(rsam)

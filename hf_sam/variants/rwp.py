@@ -19,8 +19,8 @@ is averaged once.
 
 Defaults: alpha = 0.5, gamma = 0.01 (CIFAR). alpha = 0 or gamma = 0 gives the stock step. rho is not
 used. Noise is drawn only for the selected parameters (`perturb`), in `model.named_parameters()` order,
-from a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
-`hf_sam.variants.universal.noise_seed`.
+from a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
+`hf_sam.variants.common.noise_seed`.
 
 Cost: 2 sequential passes (the paper's speed-up needs two devices); buffers: the clean gradient, the
 noise and the snapshot of w.
@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from .registry import register
-from .universal import Noise, named_order
+from .common import Noise, named_order
 
 RWP_PAPER = {
     "title": "Efficient Generalization Improvement Guided by Random Weight Perturbation",
@@ -83,4 +83,4 @@ def _check(config):
                          "use rho_scaling='none'.")
 
 
-register("rwp", trainer_only=True, uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)
+register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)

@@ -161,7 +161,7 @@ def _bank(ctx, rows_needed, classes, slots):
 
 def saf(ctx):
     trainer, cfg = ctx.trainer, ctx.config
-    lam = 0.16 if cfg.saf_lambda is None else float(cfg.saf_lambda)
+    lam = float(cfg.saf_lambda)
     lag = int(cfg.saf_lag)
     epoch = current_epoch(trainer)
     active = epoch > cfg.saf_start and epoch >= lag

@@ -40,9 +40,8 @@ the next one while a window accumulates) + one window of inputs.
 import torch
 
 from .. import ops
-
+from .common import base_optimizer, micro_step
 from .registry import register
-from .universal import micro_step
 
 SAMPA_PAPER = {
     "title": "SAMPa: Sharpness-aware Minimization Parallelized",
@@ -76,10 +75,7 @@ def _capture(box, replay=None):
 def _extrapolation(ctx, y_grad):
     """-(lr * (grad f(y) + momentum * buf + wd * x)) per selected parameter (the official y step)."""
     opt = ctx.optimizer
-    inner = opt
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
-        inner = inner.optimizer
-    sgd = isinstance(inner, torch.optim.SGD)
+    sgd = isinstance(base_optimizer(opt), torch.optim.SGD)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     out = [None] * len(ctx.params)
     with torch.no_grad():
@@ -98,11 +94,11 @@ def _extrapolation(ctx, y_grad):
 
 
 def sampa(ctx):
-    st, trainer = ctx.state, ctx.trainer
+    st = ctx.state
     lam = float(ctx.config.sampa_lambda)
     micro = micro_step(ctx)
-    last = micro == int(trainer.current_gradient_accumulation_steps or 1) - 1
-    step = int(trainer.state.global_step)
+    last = micro == ctx.accumulation_steps - 1
+    step = ctx.global_step
     if micro == 0:
         if st.get(STEP) != step - 1:  # fresh run, or the previous step was not a SAMPa step
             for key in (Y_GRAD, INPUTS, STEP):
@@ -136,4 +132,5 @@ def sampa(ctx):
         st[Y_GRAD], st[INPUTS], st[STEP] = st.pop(NEXT_Y), st.pop(NEXT_INPUTS), step
 
 
+# The passes replay the previous window's inputs through a loss hook, which only the Trainer runs.
 register("sampa", trainer_only=True, paper=SAMPA_PAPER)(sampa)
