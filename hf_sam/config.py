@@ -1,9 +1,11 @@
 """SAM settings: one dataclass is the single source of truth.
 
 `SAMConfig` declares every setting once (name, default, help text, allowed values, which variant
-uses it). `SAMTrainingArguments` is generated from it: every field `x` becomes `sam_x` on a
-`TrainingArguments` subclass, so `HfArgumentParser`, YAML and JSON configs see the same names,
-defaults and help, and validation runs in one place.
+uses it, per-variant defaults). `with_sam_args(ArgsClass)` generates `sam_<name>` fields from it on
+any `TrainingArguments` subclass (`SAMTrainingArguments` for the stock one), so `HfArgumentParser`,
+YAML and JSON configs see the same names, defaults and help; validation runs in one place,
+`SAMConfig.validate`, when a config or the arguments are built. `settings_markdown()` renders the
+README's settings table.
 """
 
 import dataclasses
@@ -78,7 +80,13 @@ def _above_zero_unit(x):
 
 @dataclass
 class SAMConfig:
-    """Settings of a sharpness-aware training run. See the README's settings table."""
+    """Settings of a sharpness-aware training run. See the README's settings table.
+
+    Built and validated on construction: bad values raise ValueError naming the setting and what it
+    allows; a setting of another variant (`used_by`) or of an inactive mode (`when`) is an error;
+    numbers given as text are converted; settings with `variant_defaults` left at None take the
+    variant's value (`resolved` names them; `replace` fills them in again for a new variant).
+    """
 
     # --- core -----------------------------------------------------------------------------
     variant: str = setting("sam", "Algorithm name from the hf_sam.variants registry (e.g. sam, asam).")
@@ -332,14 +340,6 @@ class SAMConfig:
         from .variants import get_variant
 
         return self.adaptive or get_variant(self.variant).adaptive
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def changed(self) -> dict[str, Any]:
-        """Settings given with a value other than their default (filled-in variant defaults excluded)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in self.resolved and getattr(self, f.name) != _default(f)}
 
 
 PREFIX = "sam_"

@@ -135,7 +135,7 @@ def test_model_init_is_supported(tmp_path):
 def test_variant_defaults_are_filled_in(variant, name, value):
     cfg = SAMConfig(variant=variant)
     assert getattr(cfg, name) == value  # the number the step uses (official code / README values)
-    assert name not in cfg.changed()  # not a user change
+    assert name in cfg.resolved  # filled in, not given
     assert getattr(SAMConfig(variant=variant, **{name: 7}), name) == 7  # a given value is kept
     assert getattr(SAMConfig(), name) is None  # other variants leave it unset
 

@@ -16,8 +16,10 @@ global over the perturbed parameters; a trainable parameter that is not perturbe
 its own g_adv. Computed in place: d = g_adv * (1 + alpha (g . g_adv) / (||g_adv|| + eps)^2) - alpha g.
 
 The LR tie (`gsam_rho_min`): lr_max is the schedule's peak (the param group's initial_lr, i.e.
-`learning_rate`), lr_min its lowest point: `min_lr` / `min_lr_rate` / `lr_end` from
-`lr_scheduler_kwargs` when given, else 0 (the end of the linear, cosine and polynomial schedules).
+`learning_rate`; read through ctx.optimizer), lr_min its lowest point: `min_lr` / `min_lr_rate` /
+`lr_end` from SAMTrainer's `lr_scheduler_kwargs` when given, else 0 (the end of the linear, cosine
+and polynomial schedules; always 0 in hf_sam.SAM, where an optimizer without an LR scheduler has no
+initial_lr and keeps rho constant).
 The LR of the step is the one the optimizer is about to use. During warmup rho_t is below
 `gsam_rho_min` exactly as in the official code (clamped at 0). Nothing is stored: the schedule is
 restored with the scheduler on resume. gsam_rho_min = None keeps rho constant.
