@@ -928,6 +928,8 @@ def test_rwp_bad_input():
         SAMConfig(variant="rwp", rwp_gamma=-0.1)
     with pytest.raises(ValueError, match="rwp"):
         SAMConfig(variant="sam", rwp_gamma=0.1)
+    with pytest.raises(ValueError, match="adaptive has no effect with variant='rwp'"):
+        SAMConfig(variant="rwp", adaptive=True)
 
 
 # ---- preconditioned SAM --------------------------------------------------------------------------------
@@ -1226,6 +1228,10 @@ def test_saf_mesa_bad_input():
         SAMConfig(variant="saf", interval=2)
     with pytest.raises(ValueError, match="interval"):
         SAMConfig(variant="mesa", start=0.5)
+    with pytest.raises(ValueError, match="adaptive has no effect with variant='saf'"):
+        SAMConfig(variant="saf", adaptive=True)
+    with pytest.raises(ValueError, match="rho_scaling='mupp' has no effect with variant='mesa'"):
+        SAMConfig(variant="mesa", rho_scaling="mupp", mupp_base_width=8)
 
 
 # ---- MESA ----------------------------------------------------------------------------------------------

@@ -126,6 +126,16 @@ class Noise:
         return torch.rand(n, generator=self.generator("cpu"))
 
 
+# ---- settings ---------------------------------------------------------------------------------------
+def refuse_ascent_shaping(config, why: str) -> None:
+    """ValueError for `adaptive` / `rho_scaling`, which shape a gradient ascent, with a variant that has none."""
+    if config.adaptive:
+        raise ValueError(f"adaptive has no effect with variant={config.variant!r} ({why}); remove adaptive=True.")
+    if config.rho_scaling != "none":
+        raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant={config.variant!r} "
+                         f"({why}); use rho_scaling='none'.")
+
+
 # ---- the optimizer -------------------------------------------------------------------------------
 def base_optimizer(optimizer):
     """The torch optimizer behind wrappers such as accelerate's AcceleratedOptimizer."""

@@ -73,27 +73,28 @@ def _settings(trainer):
     return cls, merged
 
 
-def _check(cls, hp) -> None:
-    """Refuse an optimizer class with hyper-parameters `hp` that keeps no momentum for MSAM to follow."""
-    name = cls.__name__
-    if "momentum" in hp and not isinstance(hp.get("betas"), (tuple, list)):
-        if not hp["momentum"]:
-            raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum, but {name} has "
-                             f"momentum={hp['momentum']} and keeps none. {_HINT}")
-        return
+def _momentum_setting(hp):
+    """(name, value) of the hyper-parameter that decides whether the optimizer keeps momentum, or None."""
     betas = hp.get("betas")
     if isinstance(betas, (tuple, list)) and betas:
-        if not betas[0]:
-            raise ValueError(f"variant='msam' perturbs along the first moment, but {name} has betas[0]="
-                             f"{betas[0]} and keeps none. {_HINT}")
-        return
+        return "betas[0]", betas[0]                       # Adam family: first moment
+    if "momentum" in hp:
+        return "momentum", hp["momentum"]                 # SGD family: momentum buffer
     if "beta1" in hp:
-        if not hp["beta1"]:
-            raise ValueError(f"variant='msam' perturbs along the first moment, but {name} has beta1={hp['beta1']} "
-                             f"and keeps none. {_HINT}")
-        return
-    raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum ({' or '.join(MOMENTUM_KEYS)}), "
-                     f"but {name} keeps no momentum state. {_HINT}")
+        return "beta1", hp["beta1"]                       # e.g. Adafactor
+    return None
+
+
+def _check(cls, hp) -> None:
+    """Refuse an optimizer class with hyper-parameters `hp` that keeps no momentum for MSAM to follow."""
+    setting = _momentum_setting(hp)
+    if setting is None:
+        raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum ({' or '.join(MOMENTUM_KEYS)}), "
+                         f"but {cls.__name__} keeps no momentum state. {_HINT}")
+    name, value = setting
+    if not value:
+        raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum, but {cls.__name__} has "
+                         f"{name}={value} and keeps none. {_HINT}")
 
 
 def check_optimizer(optimizer) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from .registry import register
-from .common import Noise, named_order
+from .common import Noise, named_order, refuse_ascent_shaping
 
 RWP_PAPER = {
     "title": "Efficient Generalization Improvement Guided by Random Weight Perturbation",
@@ -75,12 +75,7 @@ def rwp(ctx):
 
 
 def _check(config):
-    if config.adaptive:
-        raise ValueError("adaptive has no effect with variant='rwp' (its perturbation is random); "
-                         "remove adaptive=True.")
-    if config.rho_scaling != "none":
-        raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant='rwp'; "
-                         "use rho_scaling='none'.")
+    refuse_ascent_shaping(config, "its perturbation is random")
 
 
 register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)

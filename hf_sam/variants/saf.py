@@ -38,6 +38,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from .common import refuse_ascent_shaping
 from .registry import register
 
 SAF_PAPER = {
@@ -97,8 +98,7 @@ def check_trajectory_config(name):
         if config.interval != 1 or config.start != 0.0 or config.end != 1.0:
             raise ValueError(f"variant={name!r} adds a loss term on every step; interval, start and end do not apply "
                              f"(got interval={config.interval}, start={config.start}, end={config.end}).")
-        if config.adaptive or config.rho_scaling != "none":
-            raise ValueError(f"variant={name!r} does not perturb the weights; adaptive and rho_scaling do not apply.")
+        refuse_ascent_shaping(config, "it does not perturb the weights")
     return check
 
 

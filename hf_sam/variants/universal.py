@@ -40,7 +40,7 @@ the noise, and the snapshot of w.
 import torch
 
 from .. import ops
-from .common import Noise, named_order, place
+from .common import Noise, named_order, place, refuse_ascent_shaping
 from .registry import register
 
 UNIVERSAL_PAPER = {
@@ -80,6 +80,15 @@ def perturbation(ctx, draw, rho, unit_sphere=False):
     return place(idx, s, len(ctx.params))
 
 
+def _clean_pass(ctx):
+    """The pass at w: g0 (aligned with ctx.params), the indices with a gradient, the list of losses
+    (L0 first) and the hook that appends each later pass's loss to it."""
+    losses = []
+    record = loss_recorder(losses)
+    g0 = ctx.grad(loss_hook=record)
+    return g0, [i for i, g in enumerate(g0) if g is not None], losses, record
+
+
 def _dense(grads, g0, idx):
     """The gradients at idx, zeros where a pass produced none."""
     return [grads[i] if grads[i] is not None else torch.zeros_like(g0[i]) for i in idx]
@@ -93,10 +102,7 @@ def frobsam(ctx):
     cfg = ctx.config
     n, lam, rho = cfg.universal_samples, float(cfg.universal_lambda), float(cfg.rho)
     noise = Noise(ctx)
-    losses = []
-    record = loss_recorder(losses)
-    g0 = ctx.grad(loss_hook=record)                                         # L0, g0 at w
-    idx = [i for i, g in enumerate(g0) if g is not None]
+    g0, idx, losses, record = _clean_pass(ctx)                              # L0, g0 at w
     g0s = [g0[i] for i in idx]
     gsum = [torch.zeros_like(g) for g in g0s]                               # sum_i G_i
     cross = [torch.zeros_like(g) for g in g0s]                              # sum_i L_i G_i
@@ -123,10 +129,7 @@ def _weighted_differences(ctx, draw, psi, unit_sphere=False):
     cfg = ctx.config
     n, rho = cfg.universal_samples, float(cfg.rho)
     noise = Noise(ctx)
-    losses = []
-    record = loss_recorder(losses)
-    g0 = ctx.grad(loss_hook=record)                                         # L0, g0 at w
-    idx = [i for i, g in enumerate(g0) if g is not None]
+    g0, idx, losses, record = _clean_pass(ctx)                              # L0, g0 at w
     g0s = [g0[i] for i in idx]
     total = [torch.zeros_like(g) for g in g0s]
     mean_psi = torch.zeros((), dtype=torch.float32, device=losses[0].device)
@@ -168,12 +171,7 @@ def _check(kind):
         if kind == "frobsam" and n is not None and n < 2:
             raise ValueError(f"universal_samples={n} is out of range for variant 'frobsam'; allowed: an integer >= 2 "
                              "(Frob-SAM estimates a covariance from the samples).")
-        if config.adaptive:
-            raise ValueError(f"adaptive has no effect with variant={kind!r} (its perturbations are random); "
-                             "remove adaptive=True.")
-        if config.rho_scaling != "none":
-            raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant={kind!r} "
-                             "(its perturbations are random); use rho_scaling='none'.")
+        refuse_ascent_shaping(config, "its perturbations are random")
     return check
 
 
