@@ -60,9 +60,9 @@ BANK = "saf_bank"
 
 
 # ---- shared with MESA --------------------------------------------------------------------------
-def current_epoch(trainer) -> int:
+def current_epoch(ctx) -> int:
     """0-based index of the epoch the current step belongs to."""
-    return int(math.floor((trainer.state.epoch or 0.0) + 1e-9))
+    return int(math.floor(ctx.epoch + 1e-9))
 
 
 def logits_of(outputs, variant) -> torch.Tensor:
@@ -163,7 +163,7 @@ def saf(ctx):
     trainer, cfg = ctx.trainer, ctx.config
     lam = float(cfg.saf_lambda)
     lag = int(cfg.saf_lag)
-    epoch = current_epoch(trainer)
+    epoch = current_epoch(ctx)
     active = epoch > cfg.saf_start and epoch >= lag
 
     def hook(compute, model, inputs, num_items_in_batch):
