@@ -92,6 +92,12 @@ def named_order(ctx) -> list[int]:
     return order
 
 
+def random_perturbation(ctx, draw) -> list:
+    """draw(p) for every perturbed parameter p, drawn in `named_order`; aligned with ctx.params."""
+    idx = [i for i in named_order(ctx) if ctx.selection.selected[i]]
+    return place(idx, [draw(ctx.params[i]) for i in idx], len(ctx.params))
+
+
 class Noise:
     """The random numbers of one micro-batch, from generators seeded by `noise_seed` (one per device).
 

@@ -25,7 +25,7 @@ Noise: a `torch.Generator` seeded from (seed, global_step, micro-step, rank); se
 import torch
 
 from .registry import register
-from .common import Noise, named_order
+from .common import Noise, random_perturbation
 
 RSAM_PAPER = {
     "title": "Random Sharpness-Aware Minimization",
@@ -48,10 +48,7 @@ def rsam(ctx):
         delta = None
     else:
         noise = Noise(ctx)
-        delta = [None] * len(ctx.params)
-        for i in named_order(ctx):
-            if ctx.selection.selected[i]:
-                delta[i] = noise.normal(ctx.params[i]).mul_(sigma)
+        delta = random_perturbation(ctx, lambda p: noise.normal(p).mul_(sigma))
     g = ctx.grad(at=delta)                      # pass at the noisy point w + delta
     e = ctx.ascent(g, inplace=True)             # rho * g~ / ||g~||
     if delta is not None:

@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from .registry import register
-from .common import Noise, named_order, refuse_ascent_shaping
+from .common import Noise, random_perturbation, refuse_ascent_shaping
 
 RWP_PAPER = {
     "title": "Efficient Generalization Improvement Guided by Random Weight Perturbation",
@@ -65,10 +65,7 @@ def rwp(ctx):
         return
     g = ctx.grad()  # clean pass at w
     noise = Noise(ctx)
-    xi = [None] * len(ctx.params)
-    for i in named_order(ctx):
-        if ctx.selection.selected[i]:
-            xi[i] = filter_noise(noise, ctx.params[i], gamma)
+    xi = random_perturbation(ctx, lambda p: filter_noise(noise, p, gamma))
     gn = ctx.grad(at=xi)  # noisy pass at w + xi
     d = ops.mix(g, gn, alpha)  # (1 - alpha) * g + alpha * g_noisy
     ctx.set_final(d)

@@ -40,7 +40,7 @@ the noise, and the snapshot of w.
 import torch
 
 from .. import ops
-from .common import Noise, named_order, place, refuse_ascent_shaping
+from .common import Noise, named_order, place, random_perturbation, refuse_ascent_shaping
 from .registry import register
 
 UNIVERSAL_PAPER = {
@@ -69,15 +69,15 @@ def loss_recorder(box: list):
 
 
 def perturbation(ctx, draw, rho, unit_sphere=False):
-    """rho * s, s = draw(p) tensor by tensor in model.named_parameters() order (selected parameters);
+    """rho * s, s = draw(p) for the perturbed parameters (common.random_perturbation);
     unit_sphere: s / ||s|| (one global norm). Aligned with ctx.params."""
-    idx = [i for i in named_order(ctx) if ctx.selection.selected[i]]
-    s = [draw(ctx.params[i]) for i in idx]
+    out = random_perturbation(ctx, draw)
+    s = [out[i] for i in named_order(ctx) if out[i] is not None]
     if unit_sphere and s:
         torch._foreach_div_(s, ops.global_norm(s))
     if s:
         torch._foreach_mul_(s, rho)
-    return place(idx, s, len(ctx.params))
+    return out
 
 
 def _clean_pass(ctx):
