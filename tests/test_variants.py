@@ -578,25 +578,29 @@ CLOSURE_RUNS = {
 }
 
 
+@pytest.mark.parametrize("ga", [1, 2])
 @pytest.mark.parametrize("variant", list(CLOSURE_RUNS))
-def test_closure_optimizer_matches_the_trainer(tmp_path, variant):
-    """The same variant, data order and base optimizer (SGD, momentum 0.9) through the two front-ends."""
+def test_closure_optimizer_matches_the_trainer(tmp_path, variant, ga):
+    """The same variant, data order and base optimizer (SGD, momentum 0.9) through the two front-ends;
+    with GA 2 the loop accumulates the window's micro-batches (loss / 2) before the step."""
     from hf_sam import SAM
 
     settings = CLOSURE_RUNS[variant]
     start = model0()
     model = copy.deepcopy(start)
-    tr = train(tmp_path, variant, copy.deepcopy(start), steps=STEPS, **settings)
+    tr = train(tmp_path, variant, copy.deepcopy(start), ga=ga, steps=STEPS, **settings)
     opt = SAM(model.named_parameters(), torch.optim.SGD, SAMConfig(variant=variant, **settings), model=model,
               max_steps=STEPS, seed=0, lr=0.1, momentum=0.9)
     model.train()
-    for (mb,) in tiny.windows(tiny.Blobs(), 4, 1, STEPS):
-        def closure(mb=mb):
-            loss = model(**mb)["loss"]
-            loss.backward()
-            return loss
+    for window in tiny.windows(tiny.Blobs(), 4, ga, STEPS):
+        for mb in window:
+            def closure(mb=mb):
+                loss = model(**mb)["loss"] / ga
+                loss.backward()
+                return loss
 
-        opt.step(closure)
+            opt.accumulate(closure)
+        opt.step()
         opt.zero_grad()
     trained = {n: p.detach() for n, p in tr.model.named_parameters()}
     assert deviation(start, trained) > 1e-3  # the runs did train
