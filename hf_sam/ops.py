@@ -18,6 +18,13 @@ def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.T
     return torch.linalg.vector_norm(norms)
 
 
+def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; one vdot per tensor pair)."""
+    if not a:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
+
+
 def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """`scale` where `norm` is finite, else 0 (a device-side select, no host sync)."""
     return torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
@@ -27,6 +34,25 @@ def zero_nonfinite_(tensors: Tensors) -> None:
     """Replace NaN and +-inf entries by 0 in place (an overflowed ascent must never reach the weights)."""
     for t in tensors:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def zero_where_(tensors: Tensors, condition: torch.Tensor) -> None:
+    """t_i = 0 where the 0-dim bool `condition` is true (NaN too), else unchanged; no host sync."""
+    for t in tensors:
+        t.masked_fill_(condition, 0)
+
+
+def rng_state():
+    """The CPU and (initialised) CUDA generators' states, to replay a pass's random draws."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = None) -> Tensors:
