@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
 
 from _common import REPO_DIR, ScriptError, run_main  # noqa: E402
+from plot_runs import draw_panels  # noqa: E402
 
 MEASURES = ("top_eigenvalue", "trace", "m_sharpness")
 # flags of the recorded command that would write to (or read from) the run: replaced or dropped on replay
@@ -261,30 +262,17 @@ def format_row(row, measures):
 
 
 def plot(rows, measures, output):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.5 * len(measures), 3.8), squeeze=False)
+    """One panel per measure against the training step, one line per run."""
     runs = list(dict.fromkeys(r["path"] for r in rows))
-    for ax, measure in zip(axes[0], measures):
+    panels = []
+    for measure in measures:
+        lines = []
         for run in runs:
             points = sorted((r["step"], r[measure]) for r in rows
                             if r["path"] == run and r.get(measure) is not None and r["step"] is not None)
-            if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=4,
-                        label=Path(run).name)
-        ax.set_title(measure)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
-    return output
+            lines.append((Path(run).name, [s for s, _ in points], [v for _, v in points]))
+        panels.append((measure, lines))
+    return draw_panels(panels, output, xlabel="training step", columns=len(measures))
 
 
 def build_parser():

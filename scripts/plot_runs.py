@@ -81,11 +81,6 @@ def sharpness_panels(histories):
 
 def plot_runs(runs, output, labels=None, title=None):
     """Write the PNG for the given runs; returns the path. Usable from Python as well as the command line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
     state_files = [find_state_file(r) for r in runs]
     histories = [load_history(f) for f in state_files]
     labels = list(labels) if labels else [default_label(f) for f in state_files]
@@ -97,26 +92,37 @@ def plot_runs(runs, output, labels=None, title=None):
     if not has_accuracy:  # language models: show perplexity instead of accuracy
         panels[2] = PERPLEXITY_PANEL
     panels += sharpness_panels(histories)
+    drawn = [(name, [(label, *series(history, read)) for history, label in zip(histories, labels)])
+             for name, read in panels]
+    return draw_panels(drawn, output, title=title or "runs: " + ", ".join(labels))
 
-    rows = math.ceil(len(panels) / 2)
-    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.75 * rows), squeeze=False)
+
+def draw_panels(panels, output, title=None, xlabel="optimizer step", columns=2):
+    """A PNG of panels [(title, [(label, steps, values), ...])], one line per label; empty panels say so."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.75 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, (name, read) in zip(axes.flat, panels):
+    for ax, (name, lines) in zip(axes.flat, panels):
         drawn = 0
-        for history, label in zip(histories, labels):
-            steps, values = series(history, read)
+        for label, steps, values in lines:
             if steps:
                 ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, markersize=3, label=label)
                 drawn += 1
         ax.set_title(name)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(title or "runs: " + ", ".join(labels))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
