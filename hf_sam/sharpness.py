@@ -18,7 +18,8 @@ Hessian-vector products are double backward passes (`torch.autograd.grad(create_
 gradient, then the gradient of g.v); the graph is freed after every product. Vectors live in fp32;
 the forward runs in the parameters' own dtype.
 
-What a measurement leaves as it found it: the weights (bit-identical: restored by copy), the
+What a measurement leaves as it found it: the weights (bit-identical: Hessian products only read
+them, m-sharpness copies them back from an exact snapshot), the
 caller's `.grad` (never written: every gradient comes from `torch.autograd.grad`), each module's
 train/eval flag, and buffers (BatchNorm running statistics; evaluation mode by default, and with
 `train_mode=True` the buffers are snapshotted and copied back). Under DDP (torch.distributed
@@ -131,15 +132,16 @@ def _allreduce_sum_(tensors):
 
 
 @contextmanager
-def _measuring(model, named, train_mode=False):
+def _measuring(model, named, train_mode=False, moves_weights=False):
     """Evaluation mode (or train mode) with requires_grad on the measured parameters; everything put back.
 
-    Yields the exact copy of the measured parameters that they are restored from.
+    moves_weights: the measurement perturbs the weights, so an exact copy is taken first (and yielded);
+    they are copied back from it at the end. Hessian products read the weights only and need no copy.
     """
     modes = [(m, m.training) for m in model.modules()]
     grad_flags = [(p, p.requires_grad) for _, p in named]
     buffers = ops.snapshot([b for b in model.buffers()]) if train_mode else None
-    weights = ops.snapshot([p for _, p in named])
+    weights = ops.snapshot([p for _, p in named]) if moves_weights else None
     model.train(train_mode)
     for _, p in named:
         p.requires_grad_(True)
@@ -147,7 +149,8 @@ def _measuring(model, named, train_mode=False):
         with torch.enable_grad():
             yield weights
     finally:
-        ops.restore_([p for _, p in named], weights)
+        if weights is not None:
+            ops.restore_([p for _, p in named], weights)
         if buffers is not None:
             ops.restore_(list(model.buffers()), buffers)
         for p, flag in grad_flags:
@@ -474,7 +477,7 @@ def m_sharpness(model, batches, rho, *, m=None, adaptive=False, eta=0.01, params
     device = ps[0].device
     gen = _gen(seed)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of increases, number of chunks]
-    with _measuring(model, named, train_mode) as w0:
+    with _measuring(model, named, train_mode, moves_weights=True) as w0:
         scale = ops.adaptive_weights(w0, names, eta) if adaptive else [None] * len(ps)
         T = [t.float() if t is not None else None for t in scale]
 

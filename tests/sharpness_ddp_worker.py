@@ -25,7 +25,8 @@ def callback_run(out_dir):
     model = tiny.MLP(d_in=3)
     trainer = Trainer(model=model, args=args, train_dataset=tiny.Blobs(n=64, d_in=3),
                       eval_dataset=tiny.Blobs(n=32, d_in=3, seed=9))
-    callback = SharpnessCallback.attach(trainer, max_batches=2, measures=("top_eigenvalue", "m_sharpness"), iters=100, tol=1e-6)
+    callback = SharpnessCallback.attach(trainer, max_batches=2, measures=("top_eigenvalue", "m_sharpness"),
+                                        iters=100, tol=1e-6)
     trainer.train()
     logged = [e for e in trainer.state.log_history if "sharpness/m_sharpness" in e]
     return {"logged": logged, "weights": {n: p.detach().tolist() for n, p in model.named_parameters()},
