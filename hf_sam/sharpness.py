@@ -19,14 +19,13 @@ gradient, then the gradient of g.v); the graph is freed after every product. Vec
 the forward runs in the parameters' own dtype.
 
 What a measurement leaves as it found it: the weights (bit-identical: Hessian products only read
-them, m-sharpness copies them back from an exact snapshot), the
-caller's `.grad` (never written: every gradient comes from `torch.autograd.grad`), each module's
-train/eval flag, and buffers (BatchNorm running statistics; evaluation mode by default, and with
-`train_mode=True` the buffers are snapshotted and copied back). Under DDP (torch.distributed
-initialised, world size > 1) every rank passes its own share of the batches; the sums are
-all-reduced, so each rank returns the mean over the union of the batches (for Hessian products the
-vector is all-reduced at every iteration, since `autograd.grad` bypasses DDP's hooks; the double
-backward runs on the unwrapped `model.module`).
+them, m-sharpness copies them back from an exact snapshot), the caller's `.grad` (never written:
+every gradient comes from `torch.autograd.grad`), each module's train/eval flag, and buffers
+(BatchNorm running statistics; evaluation mode by default, and with `train_mode=True` the buffers
+are snapshotted and copied back). Under DDP (torch.distributed initialised, world size > 1) every
+rank passes its own share of the batches; the sums are all-reduced, so each rank returns the mean
+over the union of the batches (for Hessian products the vector is all-reduced at every iteration,
+since `autograd.grad` bypasses DDP's hooks; the double backward runs on the unwrapped `model.module`).
 """
 
 from __future__ import annotations
