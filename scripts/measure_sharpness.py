@@ -225,8 +225,6 @@ def measure_runs(args):
     rows = []
     for run in args.runs:
         run_dir = Path(run)
-        if not run_dir.is_dir():
-            raise ScriptError(f"{run} is not a run folder.")
         folders = model_folders(run_dir, args.final_only)
         script, argv = split_command(args.command or recorded_command(run_dir))
         with tempfile.TemporaryDirectory() as scratch:
@@ -307,6 +305,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.m is not None and args.m < 1 or args.batch_size < 1 or (args.max_samples or 1) < 1:
         raise ScriptError("--m, --batch_size and --max_samples must be positive.")
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise ScriptError(f"{run} is not a run folder.")
     print(format_header(args.measures), flush=True)
     rows = measure_runs(args)
     path = plot(rows, args.measures, args.output)
