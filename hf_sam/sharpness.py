@@ -582,6 +582,7 @@ class SharpnessCallback(TrainerCallback):
                              samples=samples, params=params, seed=seed)
         self._batches = None
         self._warned = False
+        self._last_step = None
         self.seconds = []
 
     @classmethod
@@ -591,13 +592,14 @@ class SharpnessCallback(TrainerCallback):
         trainer.add_callback(callback)
         return callback
 
-    # ---- events ----
+    # ---- events (one measurement per optimizer step at most: several eval sets, or an evaluate()
+    # call right after the last epoch's evaluation, measure the same weights) ----
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
-        if self.every == "eval":
+        if self.every == "eval" and state.global_step != self._last_step:
             self._log(state, self.measure(model, eval_dataloader))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every != "eval" and state.global_step % self.every == 0:
+        if self.every != "eval" and state.global_step % self.every == 0 and state.global_step != self._last_step:
             self._log(state, self.measure(model))
 
     # ---- work ----
@@ -650,6 +652,7 @@ class SharpnessCallback(TrainerCallback):
         return out
 
     def _log(self, state, values):
+        self._last_step = state.global_step
         if self.trainer is not None:
             self.trainer.log(dict(values))
             return

@@ -336,6 +336,8 @@ def test_callback_logs_on_every_evaluation(tmp_path, cls):
     keys = {"sharpness/top_eigenvalue", "sharpness/trace", "sharpness/m_sharpness"}
     logged = [e for e in trainer.state.log_history if keys <= set(e)]
     assert [e["step"] for e in logged] == [2, 4]
+    trainer.evaluate()  # the weights of step 4 were measured already
+    assert len([e for e in trainer.state.log_history if keys <= set(e)]) == 2
     assert [e for e in recorder.logs if keys <= set(e)] == [{k: e[k] for k in e if k != "step"} for e in logged]
     assert len(callback.seconds) == 2
     # measuring changes nothing about training
