@@ -16,6 +16,7 @@ class's names.
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections import deque
@@ -64,6 +65,7 @@ class SAMRun:
     selection: object = None
     selection_owner: object = None
     loss_hook: object = None
+    loss_hook_used: bool = False
     last_passes: int = 1
     flags: set = dataclasses.field(default_factory=set)
     set_up_variant: str | None = None
@@ -168,9 +170,16 @@ class TrainerFrontEnd:
     def run(self, loss_hook=None, keep=True):
         run = self.trainer._sam
         snap = None if keep else bookkeeping_snapshot(self.trainer)
-        run.loss_hook = loss_hook
+        run.loss_hook, run.loss_hook_used = loss_hook, False
         try:
-            return self._stock_step(self.model, self.inputs, self.num_items_in_batch)
+            loss = self._stock_step(self.model, self.inputs, self.num_items_in_batch)
+            if loss_hook is not None and not run.loss_hook_used:
+                raise ValueError(
+                    f"{self.trainer.sam_config.variant} changes the loss, but {type(self.trainer).__name__}'s "
+                    "compute_loss did not reach SAMMixin.compute_loss (a class before SAMMixin in the MRO computes "
+                    "the loss without calling super().compute_loss). Put SAMMixin first: with_sam(HostTrainer) or "
+                    "class MyTrainer(SAMMixin, HostTrainer).")
+            return loss
         finally:
             run.loss_hook = None
             if snap is not None:
@@ -185,8 +194,29 @@ class SAMMixin:
     non-default `sam_*` arguments is an error.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        """A class that puts a host trainer before SAMMixin (`class X(Seq2SeqTrainer, SAMTrainer)`) still takes
+        `sam_config=`: the host's __init__ does not know it, so X.__init__ takes it off and SAMMixin reads it."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        hosts_first = [c for c in mro[1:mro.index(SAMMixin)] if issubclass(c, Trainer) and not issubclass(c, SAMMixin)]
+        if not hosts_first:
+            return
+        host_init = cls.__init__
+
+        @functools.wraps(host_init)
+        def __init__(self, *args, **kw):
+            if "sam_config" in kw:
+                self.__dict__["_sam_pending_config"] = kw.pop("sam_config")
+            host_init(self, *args, **kw)
+
+        cls.__init__ = __init__
+
     def __init__(self, *args, sam_config: SAMConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        pending = self.__dict__.pop("_sam_pending_config", None)
+        if sam_config is None:
+            sam_config = pending
         if sam_config is not None and not isinstance(sam_config, SAMConfig):
             raise TypeError(f"sam_config must be a hf_sam.SAMConfig, got {type(sam_config).__name__}")
         if sam_config is not None:
@@ -341,6 +371,7 @@ class SAMMixin:
             return super(SAMMixin, self).compute_loss(model, batch, return_outputs=True,
                                                       num_items_in_batch=num_items_in_batch, **kwargs)
 
+        self._sam.loss_hook_used = True
         loss, outputs = hook(compute, model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
