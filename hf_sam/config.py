@@ -362,6 +362,14 @@ def with_sam_args(args_class: type) -> type:
         name = "SAMTrainingArguments" if args_class is TrainingArguments else f"SAM{args_class.__name__}"
 
         def __post_init__(self):
+            for f in fields(self):  # every numeric field, the host's too: YAML reads `1e-3` as text
+                value, kind = getattr(self, f.name), _numeric_kind(f.type)
+                if isinstance(value, str) and kind is not None:
+                    try:
+                        setattr(self, f.name, kind(value))
+                    except ValueError:
+                        raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
+                                         f"{'a number' if kind is float else 'an integer'}.") from None
             super(cls, self).__post_init__()
             config = config_from_arguments(self)  # validates before any training starts
             for f in fields(SAMConfig):  # numbers read from text files become numbers
