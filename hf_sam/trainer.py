@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from .config import PREFIX, SAMConfig, config_from_arguments, sam_arguments_changed
+from .config import PREFIX, SAMConfig, config_from_arguments, publish_generated_class, sam_arguments_changed
 from .params import select_parameters
 from .scaling import layer_factors
 from .step import Metrics, StepContext, build_selection, run_step, sam_active, unique_trainable
@@ -485,9 +485,9 @@ def with_sam(trainer_class: type) -> type:
         return trainer_class
     if trainer_class not in _WITH_SAM:
         name = "SAMTrainer" if trainer_class is Trainer else f"SAM{trainer_class.__name__}"
-        cls = type(name, (SAMMixin, trainer_class), {"__module__": __name__, "__qualname__": name,
-                                                      "__doc__": f"{trainer_class.__name__} with SAM "
+        cls = type(name, (SAMMixin, trainer_class), {"__doc__": f"{trainer_class.__name__} with SAM "
                                                                  "(see hf_sam.SAMMixin)."})
+        publish_generated_class(cls, globals())
         _WITH_SAM[trainer_class] = cls
     return _WITH_SAM[trainer_class]
 

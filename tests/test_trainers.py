@@ -405,3 +405,15 @@ def test_optuna_fsam_trials_start_fresh(tmp_path):
     # and a second train() call of the same trainer starts fresh too
     alone.train()
     assert alone.evaluate()["eval_loss"] == eval_losses[0]
+
+
+def test_generated_argument_classes_pickle(tmp_path):
+    """The Trainer saves `torch.save(self.args)` in every checkpoint: with_sam_args classes must pickle."""
+    import pickle
+
+    from transformers import Seq2SeqTrainingArguments
+
+    for cls, extra in ((with_sam_args(SFTConfig), dict(bf16=False)), (with_sam_args(Seq2SeqTrainingArguments), {})):
+        args = cls(output_dir=str(tmp_path), use_cpu=True, report_to=[], sam_rho=0.3, **extra)
+        back = pickle.loads(pickle.dumps(args))
+        assert type(back) is cls and back.sam_config == SAMConfig(rho=0.3)
