@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, with_sam, with_sam_args
-from hf_sam.variants import register
+from hf_sam.variants import register, unregister
 
 trl = pytest.importorskip("trl")
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
@@ -161,18 +161,26 @@ def test_sft_config_with_sam_args_equals_sam_config(tmp_path):
         sft_args(SAMSFTConfig, tmp_path, sam_rho=-1.0)
 
 
-def _loss_wrapping_variant(ctx):
-    ctx.grad(final=True, loss_hook=lambda compute, model, inputs, n: compute(inputs))
-
-
-register("test_trainers_loss_hook", passes=1, uses_rho=False)(_loss_wrapping_variant)
-
-
 def test_host_first_order_refuses_variants_that_wrap_the_loss(tmp_path):
     """SFTTrainer.compute_loss does not call super(): with SFTTrainer before SAMMixin a loss hook cannot run."""
-    with pytest.raises(ValueError, match="Put SAMMixin first"):
-        run_sft(HostFirstSFT, tmp_path, sam_config=SAMConfig(variant="test_trainers_loss_hook"))
-    run_sft(MixinFirstSFT, tmp_path, sam_config=SAMConfig(variant="test_trainers_loss_hook"))  # runs
+    calls = []
+
+    def loss_wrapping(ctx):
+        def hook(compute, model, inputs, n):
+            calls.append(1)
+            return compute(inputs)
+
+        ctx.grad(final=True, loss_hook=hook)
+
+    register("loss_hook_test", passes=1, uses_rho=False, replace=True)(loss_wrapping)
+    try:
+        with pytest.raises(ValueError, match="Put SAMMixin first"):
+            run_sft(HostFirstSFT, tmp_path, sam_config=SAMConfig(variant="loss_hook_test"))
+        assert calls == []
+        run_sft(MixinFirstSFT, tmp_path, sam_config=SAMConfig(variant="loss_hook_test"))
+        assert len(calls) == 3  # one wrapped loss per step
+    finally:
+        unregister("loss_hook_test")
 
 
 # ================================================================================================
