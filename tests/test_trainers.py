@@ -141,6 +141,18 @@ def test_sft_sam_logs_rho_and_clean_pass_metrics(tmp_path, stock_sft, order):
     assert all(len(v) == 0 for v in trainer._metrics["train"].values())  # TRL's lists: cleared at every log
 
 
+def test_sft_gradient_accumulation_metrics_are_the_clean_passes(tmp_path):
+    """GA 2: every clean pass of the first step is at w, so its averaged metrics equal the stock trainer's."""
+    args = dict(tmp_path=tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2)
+    _, stock = run_sft(SFTTrainer, tmp_path, args=sft_args(**args))
+    _, trainer = run_sft(with_sam(SFTTrainer), tmp_path, args=sft_args(**args), sam_config=SAMConfig(rho=0.05))
+    logs, stock_logs = step_logs(trainer), step_logs(stock)
+    assert [e["num_tokens"] for e in logs] == [e["num_tokens"] for e in stock_logs]
+    for key in ("loss", "mean_token_accuracy", "entropy"):
+        assert logs[0][key] == pytest.approx(stock_logs[0][key], rel=1e-6, abs=0), key
+    assert logs[0]["sam/perturbation_norm"] == pytest.approx(0.05, rel=1e-5)
+
+
 def test_sft_config_with_sam_args_equals_sam_config(tmp_path):
     from trl import TrlParser
 
@@ -208,15 +220,17 @@ def dpo_loss(model, ref_model, batch, beta):
                   "logps/chosen": pi_c.mean().item(), "logps/rejected": pi_r.mean().item()}
 
 
-def test_dpo_sam_equals_plain_torch_reference(tmp_path):
+@pytest.mark.parametrize("order", ["with_sam", "DPOTrainer,SAMTrainer"])
+def test_dpo_sam_equals_plain_torch_reference(tmp_path, order):
     from datasets import Dataset as HFDataset
 
     beta, rho, lr, steps = 0.5, 0.1, 0.5, 2
     model = gpt2()
     init = copy.deepcopy(model)
     batches = []
+    bases = (with_sam(DPOTrainer),) if order == "with_sam" else (DPOTrainer, SAMTrainer)
 
-    class RecordingDPO(with_sam(DPOTrainer)):
+    class RecordingDPO(*bases):
         def training_step(self, model, inputs, *args, **kwargs):
             batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
             return super().training_step(model, inputs, *args, **kwargs)
