@@ -2,7 +2,10 @@
 
 `with_sam(TrainerClass)` makes any `transformers.Trainer` subclass sharpness-aware: TRL's
 `SFTTrainer` and `DPOTrainer`, `Seq2SeqTrainer`, your own subclass. `SAMTrainer` is
-`with_sam(Trainer)`. Each pass of a sharpness-aware step is one call of the host class's own
+`with_sam(Trainer)`. The mixin belongs before the host in the MRO (`with_sam(Host)`,
+`class X(SAMMixin, Host)` or `class X(SAMTrainer, Host)`); `class X(Host, SAMTrainer)` also takes
+`sam_config=`, but host methods that do not call super() (TRL's compute_loss) then hide the mixin's,
+and a variant whose loss hook is bypassed that way stops with an error. Each pass of a sharpness-aware step is one call of the host class's own
 `training_step` (its `compute_loss`, GA / num_items scaling, `accelerator.backward`); clipping,
 the optimizer step, the LR schedule, logging, evaluation and checkpoints stay the host's.
 
