@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import tiny
+
 from hf_sam import SAMConfig, SAMMixin, SAMTrainer, with_sam, with_sam_args
 from hf_sam.variants import register, unregister
 
@@ -342,32 +344,15 @@ def test_seq2seq_arguments_with_sam_fields(tmp_path):
 
 # ================================================================================================
 # hyperparameter_search (optuna) and model_init
-class Blobs(Dataset):
-    def __init__(self, n=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 6, generator=g)
-        self.y = torch.randint(0, 3, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
 def model_init(trial=None):
     torch.manual_seed(0)
-    return MLP()
+    return tiny.MLP()
+
+
+def quiet_optuna():
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
 
 
 def hp_trainer(tmp_path, **kw):
@@ -385,14 +370,13 @@ def hp_trainer(tmp_path, **kw):
 
     args = TrainingArguments(**PLAIN, output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4,
                              learning_rate=0.1, eval_strategy="no")
-    trainer = SAMTrainer(model_init=model_init, args=args, train_dataset=Blobs(), eval_dataset=Blobs(seed=1),
-                         callbacks=[Norms()], **kw)
+    trainer = SAMTrainer(model_init=model_init, args=args, train_dataset=tiny.Blobs(n=32),
+                         eval_dataset=tiny.Blobs(n=32, seed=1), callbacks=[Norms()], **kw)
     return trainer, norms
 
 
 def test_optuna_trials_apply_sam_rho(tmp_path):
-    optuna = pytest.importorskip("optuna")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna = quiet_optuna()
     trainer, norms = hp_trainer(tmp_path)
     picked = {}
 
@@ -409,8 +393,7 @@ def test_optuna_trials_apply_sam_rho(tmp_path):
 
 
 def test_optuna_fsam_trials_start_fresh(tmp_path):
-    optuna = pytest.importorskip("optuna")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     trainer, _ = hp_trainer(tmp_path)
     eval_losses = []
 
