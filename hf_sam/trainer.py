@@ -5,9 +5,10 @@
 `with_sam(Trainer)`. The mixin belongs before the host in the MRO (`with_sam(Host)`,
 `class X(SAMMixin, Host)` or `class X(SAMTrainer, Host)`); `class X(Host, SAMTrainer)` also takes
 `sam_config=`, but host methods that do not call super() (TRL's compute_loss) then hide the mixin's,
-and a variant whose loss hook is bypassed that way stops with an error. Each pass of a sharpness-aware step is one call of the host class's own
-`training_step` (its `compute_loss`, GA / num_items scaling, `accelerator.backward`); clipping,
-the optimizer step, the LR schedule, logging, evaluation and checkpoints stay the host's.
+and a variant whose loss hook is bypassed that way stops with an error. Each pass of a
+sharpness-aware step is one call of the host class's own `training_step` (its `compute_loss`,
+GA / num_items scaling, `accelerator.backward`); clipping, the optimizer step, the LR schedule,
+logging, evaluation and checkpoints stay the host's.
 
 The mixin overrides these Trainer methods: `training_step`, `compute_loss` (only while a variant's
 loss hook is active), `train`, `_hp_search_setup`, `evaluate`, `predict`, `save_model`,

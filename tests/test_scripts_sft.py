@@ -42,7 +42,8 @@ def test_train_sft_on_pydoc_chat(tmp_path, capsys):
     assert eval_results["eval_loss"] < math.log(300) * 1.2 and "eval_mean_token_accuracy" in eval_results
     printed = capsys.readouterr().out
     assert "held-out loss" in printed and "Q: Explain: " in printed and "\nA:" in printed
-    assert (out / "checkpoint-4" / "tokenizer.json").is_file() and (out / "checkpoint-4" / "training_args.bin").is_file()
+    checkpoint = out / "checkpoint-4"  # with the tokenizer and the (pickled) arguments
+    assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "training_args.bin").is_file()
     card = (out / "README.md").read_text()
     assert "scripts/train_sft.py --config" in card and "hf-sam" in card
 
