@@ -93,3 +93,13 @@ def test_bad_settings_fail_before_training(tmp_path):
         run(["--config", SFT_CONFIG, "--eval_fraction", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(ConfigError, match="rho=-1"):
         train_sft.parse_args(["--config", SFT_CONFIG, "--sam_rho", "-1", "--output_dir", str(tmp_path)])
+
+
+def test_shipped_sft_configs_parse(tmp_path):
+    for config in (REPO / "configs" / "sft_pydoc.yaml", REPO / "configs" / "hub" / "sft_qwen_chat.yaml"):
+        gpu_only = ["--bf16", "false"] if config.parent.name == "hub" else []  # the Hub example asks for a GPU
+        script_args, _, training_args, command = train_sft.parse_args(
+            ["--config", str(config), "--output_dir", str(tmp_path), *gpu_only])
+        assert training_args.sam_config.variant == "sam" and training_args.max_length > 0, config
+        assert "scripts/train_sft.py --config" in command
+    assert script_args.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct" and script_args.dataset_test_split == "test"
