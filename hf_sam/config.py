@@ -384,6 +384,21 @@ def _argument_fields():
 _WITH_SAM_ARGS: dict[type, type] = {}
 
 
+def publish_generated_class(cls: type, module_globals: dict) -> None:
+    """Make a generated class importable from the module that made it, so its instances pickle.
+
+    (The Trainer saves `torch.save(self.args)` in every checkpoint.) Two hosts with the same name from
+    different packages get distinct names (`SAMSFTConfig`, `SAMSFTConfig_2`).
+    """
+    base, name, n = cls.__name__, cls.__name__, 1
+    while module_globals.get(name, cls) is not cls:
+        n += 1
+        name = f"{base}_{n}"
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = module_globals["__name__"]
+    module_globals[name] = cls
+
+
 def with_sam_args(args_class: type) -> type:
     """`args_class` (a TrainingArguments subclass) plus every SAMConfig setting as `sam_<name>`.
 
@@ -421,7 +436,7 @@ def with_sam_args(args_class: type) -> type:
                      "__doc__": f"`{args_class.__name__}` plus every `SAMConfig` setting as `sam_<name>` "
                                 "(e.g. `--sam_rho 0.1`); see hf_sam.with_sam_args."}
         cls = dataclasses.make_dataclass(name, _argument_fields(), bases=(args_class,), namespace=namespace)
-        cls.__module__ = __name__
+        publish_generated_class(cls, globals())
         _WITH_SAM_ARGS[args_class] = cls
     return _WITH_SAM_ARGS[args_class]
 

@@ -575,6 +575,7 @@ CLOSURE_RUNS = {
     "rsam": dict(rho=0.1, rsam_sigma=0.05),
     "rwp": dict(rwp_alpha=0.5, rwp_gamma=0.05),
     "aesam": dict(rho=0.5, aesam_delta=0.5, aesam_lambda1=-0.5, aesam_lambda2=0.5),
+    "msam": dict(rho=0.5),  # reads SGD's momentum buffer; its optimizer check passes
 }
 
 
@@ -611,9 +612,15 @@ def test_closure_optimizer_refuses_trainer_bound_variants():
     from hf_sam import SAM
 
     model = model0()
-    for variant in ("esam", "ssam", "sampa", "frobsam", "saf", "mesa", "wasam", "psam", "msam"):
+    for variant in ("esam", "ssam", "sampa", "frobsam", "saf", "mesa", "wasam"):
         with pytest.raises(ValueError, match="needs the Trainer"):
             SAM(model.parameters(), torch.optim.SGD, SAMConfig(variant=variant), lr=0.1)
+    # psam and msam run outside the Trainer, but check the base optimizer as they do in it
+    with pytest.raises(ValueError, match="variant='psam' preconditions the ascent with Adam"):
+        SAM(model.parameters(), torch.optim.SGD, SAMConfig(variant="psam"), lr=0.1)
+    with pytest.raises(ValueError, match="variant='msam'"):
+        SAM(model.parameters(), torch.optim.SGD, SAMConfig(variant="msam"), lr=0.1)  # no momentum
+    SAM(model.parameters(), torch.optim.AdamW, SAMConfig(variant="psam"), lr=0.1)
 
 
 # ======================================================================================================

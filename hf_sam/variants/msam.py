@@ -134,4 +134,4 @@ def msam(ctx):
     ctx.grad(at=e, final=True, release=True)                # the one pass, at w - rho m / ||m||
 
 
-register("msam", passes=1, paper=MSAM_PAPER, on_setup=on_setup)(msam)
+register("msam", passes=1, paper=MSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(msam)

@@ -111,4 +111,4 @@ def psam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + rho u / ||u||
 
 
-register("psam", paper=PSAM_PAPER, on_setup=on_setup)(psam)
+register("psam", paper=PSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(psam)

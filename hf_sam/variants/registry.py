@@ -46,11 +46,13 @@ class Variant:
     hooks: dict = field(default_factory=dict)
     on_setup: Callable | None = None
     trainer_only: bool = False
+    check_optimizer: Callable | None = None
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
-             on_setup: Callable | None = None, trainer_only: bool = False, replace: bool = False):
+             on_setup: Callable | None = None, trainer_only: bool = False,
+             check_optimizer: Callable | None = None, replace: bool = False):
     """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable.
 
     The keyword arguments are the Variant fields above; replace=True overrides a registered name.
@@ -64,7 +66,7 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
                                   paper=dict(paper or {}), check=check or _no_check,
                                   hooks=dict(hooks or {}), on_setup=on_setup,
-                                  trainer_only=trainer_only)
+                                  trainer_only=trainer_only, check_optimizer=check_optimizer)
         return fn
 
     return wrap
