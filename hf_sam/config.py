@@ -11,6 +11,7 @@ README's settings table.
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -384,6 +385,13 @@ def _argument_fields():
 _WITH_SAM_ARGS: dict[type, type] = {}
 
 
+def _as_arguments(message: str) -> str:
+    """A SAMConfig validation message with the settings named as arguments (rho=... -> sam_rho=...)."""
+    names = "|".join(sorted((f.name for f in fields(SAMConfig)), key=len, reverse=True))
+    message = re.sub(rf"(^|remove |Set )({names})\b", lambda m: m.group(1) + PREFIX + m.group(2), message)
+    return re.sub(rf"(?<![\w])({names})(?==)", PREFIX + r"\1", message)
+
+
 def publish_generated_class(cls: type, module_globals: dict) -> None:
     """Make a generated class importable from the module that made it, so its instances pickle.
 
@@ -424,7 +432,10 @@ def with_sam_args(args_class: type) -> type:
                         raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
                                          f"{'a number' if kind is float else 'an integer'}.") from None
             super(cls, self).__post_init__()
-            config = config_from_arguments(self)  # validates before any training starts
+            try:
+                config = config_from_arguments(self)  # validates before any training starts
+            except ValueError as err:  # name the argument as the user wrote it: sam_rho, not rho
+                raise ValueError(_as_arguments(str(err))) from None
             for f in fields(SAMConfig):  # numbers read from text files become numbers
                 if f.name not in config.resolved:  # (a filled-in variant default stays None here)
                     setattr(self, PREFIX + f.name, getattr(config, f.name))
