@@ -421,18 +421,19 @@ def check_launch(training_args):
                           "train one model together over gloo (otherwise each process trains alone).")
 
 
-def attach_sharpness(trainer, parser):
+def attach_sharpness(trainer, measures):
     """`--sam_measure ...`: add a SharpnessCallback that logs the measures after every evaluation.
 
     Measured on the first 4 batches of the trainer's validation set, with the callback's defaults
     (rho 0.05 for m-sharpness whatever the run's sam_rho, so runs compare). Returns the callback or None.
     """
-    if not parser.sam_measure:
+    measures = getattr(measures, "sam_measure", measures)  # the parser, or the list it read
+    if not measures:
         return None
     if trainer.eval_dataset is None or str(trainer.args.eval_strategy) in ("no", "IntervalStrategy.NO"):
         raise ConfigError("--sam_measure measures at every evaluation: it needs a validation set and "
                           "--eval_strategy steps or epoch.")
-    return SharpnessCallback.attach(trainer, measures=parser.sam_measure)
+    return SharpnessCallback.attach(trainer, measures=measures)
 
 
 def finish_run(trainer, metrics, *, tasks, dataset, finetuned_from=None):
