@@ -9,5 +9,5 @@ from .variants import available, register
 
 __version__ = "0.2.0.dev0"
 
-__all__ = ["SAM", "SAMConfig", "SAMMixin", "SAMTrainer", "SAMTrainingArguments", "SharpnessCallback", "available", "register",
-           "sharpness", "variants", "with_sam", "with_sam_args"]
+__all__ = ["SAM", "SAMConfig", "SAMMixin", "SAMTrainer", "SAMTrainingArguments", "SharpnessCallback", "available",
+           "register", "sharpness", "variants", "with_sam", "with_sam_args"]
