@@ -18,6 +18,13 @@ def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.T
     return torch.linalg.vector_norm(norms)
 
 
+def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; one vdot per tensor pair)."""
+    if not a:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
+
+
 def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """`scale` where `norm` is finite, else 0 (a device-side select, no host sync)."""
     return torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))

@@ -346,11 +346,11 @@ def readme_memory():
 
 
 def passes_of(config):
-    from hf_sam.variants import get
+    from hf_sam.variants import get_variant
 
     if config == "stock":
         return 1
-    return 2 if config in PEERS else get(config).passes
+    return 2 if config in PEERS else get_variant(config).passes
 
 
 def run_table(title, configs, base_job, repeats, log=print):
