@@ -214,6 +214,10 @@ class SAMConfig:
         check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, allowed="an integer >= 0",
         used_by=("wasam",))
     # (end of group B)
+    # --- functional_sam ---------------------------------------------------------------------
+    functional_sam_ascent: str = setting(
+        "raw", "Functional-SAM: the ascent direction; raw (SAM's, g / ||g||) or adam (preconditioned by Adam's "
+        "second moment, as psam; needs Adam/AdamW).", choices=("raw", "adam"), used_by=("functional_sam",))
 
     def __post_init__(self):
         if isinstance(self.mupp_roles, str):

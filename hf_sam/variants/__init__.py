@@ -7,5 +7,6 @@ get_variant = get
 from . import sam  # noqa: E402,F401  (registers sam, asam)
 from . import gsam, fsam, looksam, esam, ssam, msam, crsam  # noqa: E402,F401  (group A)
 from . import universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam  # noqa: E402,F401  (group B)
+from . import functional_sam  # noqa: E402,F401
 
 __all__ = ["Variant", "available", "get", "get_variant", "register", "unregister"]
