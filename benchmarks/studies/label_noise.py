@@ -12,7 +12,7 @@ Parts:
   noise_sweep 0/20/60% noise: AdamW, sam, asam and the best cheap variant of the headline
               (highest mean gain among variants with at most 1.2 backward passes per step)
 
-  cost        short timing runs (12 epochs, rounds = seeds, interleaved: every configuration once per
+  cost        short timing runs (8 epochs, 2 rounds, interleaved: every configuration once per
               round): mean process CPU time per optimizer step relative to AdamW's in the same round
               (CPU time, because on a shared machine wall time measures the neighbours)
 
@@ -28,7 +28,8 @@ from studies._report import by_label, fmt, mean_sd, status_note, table
 
 SEEDS = 3
 PARTS = ("headline", "cost", "rho_sweep", "noise_sweep")
-COST_EPOCHS = 12
+COST_EPOCHS = 8
+COST_ROUNDS = 2
 EPOCHS = 100
 NOISE = 0.4
 CHEAP_PASSES = 1.2  # "cheap": at most this many backward passes per optimizer step
@@ -96,7 +97,7 @@ def runs(parts, seeds, quick, cache):
         for label, sam in HEADLINE.items():
             add("headline", label, sam, NOISE)
     if "cost" in parts:
-        for s in seeds:  # round-major: every configuration once per round, under similar load
+        for s in range(1 if quick else COST_ROUNDS):  # round-major: each configuration once per round
             for label, sam in HEADLINE.items():
                 if _registered(sam):
                     out.append(dict(id=f"cost_{label}_r{s}", part="cost", label=label, seed=s,

@@ -2,13 +2,13 @@
 
 The project's pydoc job (scripts/train_lm.py, configs/gpt_pydoc.yaml: byte-level BPE 1024 tokens,
 128-token blocks, AdamW lr 2e-3 cosine, wd 0.1, batch 16, dropout 0.1), made smaller to fit a shared
-2-core CPU: width 64, 2 layers, 4 heads, 3 epochs (222 optimizer steps) instead of width 128,
+2-core CPU: width 64, 2 layers, 4 heads, 2 epochs (148 optimizer steps) instead of width 128,
 4 layers, 6 epochs. Held-out perplexity on the 10% of documents the split keeps aside.
 
 Configurations: AdamW at equal steps, AdamW at twice the steps (equal compute with the two-pass
 variants), sam, psam, functional_sam (raw ascent and Adam-preconditioned ascent) at rho 0.05, and one
 cheap variant (looksam, k = 5). Cost: the Trainer's train_runtime relative to AdamW's (same seed).
-Note the regime differs from the paper's single-pass C4 pretraining: ~3 passes over a tiny corpus.
+Note the regime differs from the paper's single-pass C4 pretraining: 2 passes over a tiny corpus.
 """
 
 from studies._report import fmt, mean_sd, status_note, table
@@ -17,7 +17,7 @@ from studies._subprocess import run_script
 SEEDS = 3
 PARTS = ("headline", "extra")
 MODEL = ["--n_embd", "64", "--n_layer", "2", "--n_head", "4"]
-EPOCHS = 3
+EPOCHS = 2
 CONFIGS = {
     "adamw": dict(sam=["--sam_rho", "0"], epochs=EPOCHS),
     "adamw_2x_steps": dict(sam=["--sam_rho", "0"], epochs=2 * EPOCHS),

@@ -2,7 +2,7 @@
 
 The digits MLP (64-W-W-10, ReLU) written in muP by hand (hidden init 1/fan_in, readout std
 sqrt(64)/W, Adam LR of hidden and readout weights scaled by 64/W; studies/digits.py), at widths
-64..512, 40% symmetric label noise, AdamW lr 1e-3 at the base width 64, 20 epochs (800 steps). SAM at
+64..512, 40% symmetric label noise, AdamW lr 1e-3 at the base width 64, 15 epochs (600 steps). SAM at
 several rho with rho_scaling "none" (plain SAM: one global radius) and "mupp" (hf_sam's muP^2,
 decoupled denominator, base width 64; roles: first layer and hidden biases input-like, hidden
 matrices hidden, readout weight output, readout bias fixed). At the base width both are the same
@@ -22,7 +22,7 @@ WIDTHS = (64, 128, 256, 512)
 RHOS = (0.03, 0.1, 0.3, 1.0)
 SCALINGS = ("none", "mupp")
 BASE = 64
-EPOCHS = 20
+EPOCHS = 15
 NOISE = 0.4
 
 
