@@ -142,7 +142,7 @@ def train_mlp(sam, *, noise, seed, epochs, width=256, lr=1e-3, batch_size=32, we
     torch.manual_seed(seed)
     x_tr, y_noisy, y_clean_tr, x_te, y_te = load_digits_split(noise, seed)
     cfg = SAMConfig(rho=0.0) if sam is None else SAMConfig(**sam)
-    needs_index = cfg.variant in ("saf", "mesa")
+    needs_index = cfg.variant == "saf"  # SAF reads each sample's position; MESA does not
     train = ArrayDataset(x_tr, y_noisy, with_index=needs_index)
     model = MLP(width, parametrization=parametrization, base_width=base_width)
     optimizers = (None, None)
