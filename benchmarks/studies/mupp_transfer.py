@@ -2,11 +2,12 @@
 
 The digits MLP (64-W-W-10, ReLU) written in muP by hand (hidden init 1/fan_in, readout std
 sqrt(64)/W, Adam LR of hidden and readout weights scaled by 64/W; studies/digits.py), at widths
-64..512, 40% symmetric label noise, AdamW lr 1e-3 at the base width 64, 15 epochs (600 steps). SAM at
+64..512, 40% symmetric label noise, AdamW lr 1e-3 at the base width 64, 15 epochs (part "sweep") or
+100 epochs (part "long", the label_noise regime, where SAM helps). SAM at
 several rho with rho_scaling "none" (plain SAM: one global radius) and "mupp" (hf_sam's muP^2,
 decoupled denominator, base width 64; roles: first layer and hidden biases input-like, hidden
 matrices hidden, readout weight output, readout bias fixed). At the base width both are the same
-rule. rho = 0 (AdamW) is each width's reference. Clean test loss and accuracy at the end.
+rule (tests/test_benchmarks.py checks it), so the base width's runs serve both. rho = 0 (AdamW) is each width's reference. Clean test loss and accuracy at the end.
 
 muP^2 predicts that with "mupp" the best rho stays put as the width grows, and that with "none" the
 perturbation of the hidden layers fades with width (so the best rho drifts, or SAM stops mattering).
@@ -17,29 +18,34 @@ import math
 from studies._report import fmt, mean_sd, status_note, table
 
 SEEDS = 1
-PARTS = ("sweep",)
+PARTS = ("sweep", "long")
 WIDTHS = (64, 128, 256, 512)
-RHOS = (0.03, 0.1, 0.3, 1.0)
+# part -> (rhos, epochs). "sweep" (15 epochs) ends before the noise is memorised; "long" (100 epochs, as
+# label_noise) is the regime where SAM helps, so its best rho can sit inside the grid.
+GRIDS = {"sweep": ((0.03, 0.1, 0.3, 1.0), 15), "long": ((0.01, 0.03, 0.1, 0.3), 100)}
 SCALINGS = ("none", "mupp")
 BASE = 64
-EPOCHS = 15
 NOISE = 0.4
 
 
 def runs(parts, seeds, quick, cache):
-    widths, rhos, epochs = ((64, 128), (0.1,), 1) if quick else (WIDTHS, RHOS, EPOCHS)
+    grids = {"sweep": ((0.1,), 1)} if quick else {p: GRIDS[p] for p in parts}
+    widths = (64, 128) if quick else WIDTHS
     out = []
-    for w in widths:
-        for s in seeds:
-            out.append(dict(id=f"w{w}_rho0_s{s}", part="sweep", label=f"w{w}_rho0", seed=s,
-                            params=dict(width=w, rho=0.0, scaling=None, epochs=epochs)))
-        for scaling in SCALINGS:
-            if scaling == "mupp" and w == BASE:
-                continue  # at the base width muP^2 is plain SAM: the "none" runs stand for both
-            for rho in rhos:
-                for s in seeds:
-                    out.append(dict(id=f"w{w}_{scaling}_rho{rho}_s{s}", part="sweep", label=f"w{w}_{scaling}_rho{rho}",
-                                    seed=s, params=dict(width=w, rho=rho, scaling=scaling, epochs=epochs)))
+    for part, (rhos, epochs) in grids.items():
+        pre = "" if part == "sweep" else f"{part}_"
+        for w in widths:
+            for s in seeds:
+                out.append(dict(id=f"{pre}w{w}_rho0_s{s}", part=part, label=f"w{w}_rho0", seed=s,
+                                params=dict(width=w, rho=0.0, scaling=None, epochs=epochs)))
+            for scaling in SCALINGS:
+                if scaling == "mupp" and w == BASE:
+                    continue  # at the base width muP^2 is plain SAM: the "none" runs stand for both
+                for rho in rhos:
+                    for s in seeds:
+                        out.append(dict(id=f"{pre}w{w}_{scaling}_rho{rho}_s{s}", part=part, seed=s,
+                                        label=f"w{w}_{scaling}_rho{rho}",
+                                        params=dict(width=w, rho=rho, scaling=scaling, epochs=epochs)))
     return out
 
 
@@ -70,11 +76,27 @@ def _collect(records):
 
 
 def report(records, status, png, quick):
-    data = _collect(records)
+    md = ["# mupp_transfer\n", __doc__.split("\n\n")[1].replace("\n", " ") + "\n"]
+    summary = {}
+    plotted = None
+    for part in PARTS:
+        recs = [r for r in records if r["part"] == part]
+        if not recs:
+            md.append(f"\n## part {part}: not run yet ({status_note(status, part)})\n")
+            continue
+        epochs = recs[0]["params"]["epochs"]
+        md.append(f"\n## part {part}: {epochs} epochs ({status_note(status, part)})\n")
+        summary[part] = _part_tables(_collect(recs), md)
+        if status.get(part) and all(c["complete"] for c in status[part].values()):
+            plotted = (part, epochs, _collect(recs))
+    if plotted is not None:  # the longest complete part
+        _plot(plotted[2], sorted({w for _, w in plotted[2]}), png, f"{plotted[0]}, {plotted[1]} epochs")
+    return summary, "\n".join(md)
+
+
+def _part_tables(data, md):
     widths = sorted({w for _, w in data})
     rhos = sorted({r for d in data.values() for r in d})
-    md = ["# mupp_transfer\n", __doc__.split("\n\n")[1].replace("\n", " ") + "\n",
-          f"Runs: {status_note(status, 'sweep')}.\n"]
     summary = {"best_rho": {}}
     for metric, name, better in (("test_loss", "clean test loss", min), ("test_acc", "clean test accuracy (%)", max)):
         rows = []
@@ -89,13 +111,12 @@ def report(records, status, png, quick):
                 best = better(sam_rhos, key=lambda r: mean_sd([x[metric] for x in d[r]])[0]) if sam_rhos else None
                 summary["best_rho"].setdefault(metric, {}).setdefault(scaling, {})[w] = best
                 rows.append([scaling, w] + cells + ["-" if best is None else best])
-        md += [f"\n## {name} by rho (rho 0 = AdamW)\n",
+        md += [f"\n### {name} by rho (rho 0 = AdamW)\n",
                table(["rho_scaling", "width"] + [str(r) for r in rhos] + ["best rho (> 0)"], rows)]
-    _plot(data, widths, png)
-    return summary, "\n".join(md)
+    return summary
 
 
-def _plot(data, widths, png):
+def _plot(data, widths, png, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +140,7 @@ def _plot(data, widths, png):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("clean test loss (dotted: AdamW at that width; star: best rho)")
     axes[1].legend(fontsize=8)
-    fig.suptitle("mupp_transfer: muP MLP on digits, 40% label noise")
+    fig.suptitle(f"mupp_transfer: muP MLP on digits, 40% label noise ({title})")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
