@@ -75,8 +75,9 @@ class SAMConfig:
     end: float = setting(1.0, "Fraction of training at which the sharpness-aware steps end.",
                          check=_unit, allowed="a number in [0, 1]")
     same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
-    sync_ascent: bool = setting(False, "All-reduce the ascent gradient across processes (global ascent). "
-                                "Default: per-device ascent without communication, as in the SAM paper.")
+    sync_ascent: bool | None = setting(None, "True: global ascent (the ascent gradient is the mean over all "
+                                       "processes). False: per-device ascent without communication, as in the SAM "
+                                       "paper. None (auto): per-device under DDP, global under FSDP (memory).")
     # --- which parameters are perturbed ---------------------------------------------------
     perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
                            "adapter factors only, or normalisation-layer parameters only (SAM-ON).",

@@ -23,11 +23,10 @@ optimizer updates); None entries mean "nothing for this parameter".
 """
 
 import warnings
-from contextlib import nullcontext
 
 import torch
 
-from . import ops
+from . import ops, sharded
 
 
 class Selection:
@@ -55,6 +54,7 @@ class Metrics:
         self.sums = {k: torch.zeros((), dtype=torch.float32, device=self.device) for k in self.KEYS}
 
     def add(self, key, value):
+        value = ops.plain(value)  # a replicated DTensor (FSDP) counts once
         self.sums[key] += value.detach().to(device=self.device, dtype=torch.float32) \
             if torch.is_tensor(value) else value
 
@@ -101,7 +101,7 @@ class StepContext:
             at[:] = [None] * len(at)
         if final:
             self._unstash()
-            loss = self._run_pass(sync=True, loss_hook=loss_hook)
+            loss = self._run_pass(sync=True, loss_hook=loss_hook, final=True)
             self.final_done = True
             self._record_loss(loss, at)
             return loss
@@ -131,7 +131,8 @@ class StepContext:
                 if x is not None and p.grad is None:
                     p.grad = x.detach()
             acc = self.trainer.accelerator
-            if acc.num_processes > 1 and acc.sync_gradients and torch.distributed.is_initialized():
+            if acc.num_processes > 1 and acc.sync_gradients and torch.distributed.is_initialized() \
+                    and not sharded.grads_are_global(self):
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -190,13 +191,13 @@ class StepContext:
         return [state.get(p, {}).get(key) for p in self.params]
 
     # ---- mechanics -----------------------------------------------------------------------------
-    def _run_pass(self, sync, loss_hook=None):
+    def _run_pass(self, sync, loss_hook=None, final=False):
         if self.passes == 0:
             self._save_rng()
         else:
             self._replay_rng()
             self._save_bn()
-        cm = nullcontext() if sync else self.trainer.accelerator.no_sync(self.model)
+        cm = sharded.pass_context(self, sync, final)  # DDP: no_sync unless sync; FSDP2: see hf_sam.sharded
         try:
             with cm:
                 loss = self.trainer._stock_training_step(self.model, self.inputs, self.num_items_in_batch, loss_hook)
@@ -238,14 +239,14 @@ class StepContext:
         return [self.params[i] for i in self._saved_idx]
 
     def _stash_grads(self):
-        if self._stash is None:
-            self._stash = [p.grad for p in self.params]
-            for p in self.params:
+        if self._stash is None:  # selection.params: the optimizer's (sharded) parameters
+            self._stash = [p.grad for p in self.selection.params]
+            for p in self.selection.params:
                 p.grad = None
 
     def _unstash(self):
         if self._stash is not None:
-            for p, g in zip(self.params, self._stash):
+            for p, g in zip(self.selection.params, self._stash):
                 p.grad = g
             self._stash = None
 
@@ -302,6 +303,7 @@ class StepContext:
 
     def close(self):
         """Always runs: weights back to w by copy, earlier gradients back, buffers freed."""
+        sharded.release(self)  # FSDP2 per-device ascent: drop the unsharded w + e (the shards never moved)
         try:
             if self._moved:
                 ops.restore_(self._saved_params(), self._saved)

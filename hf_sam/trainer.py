@@ -15,6 +15,7 @@ from transformers.training_args import OptimizerNames
 
 from .config import SAMConfig, config_from_arguments
 from .params import select_parameters
+from . import sharded
 from .scaling import layer_factors
 from .step import Metrics, Selection, StepContext
 from .variants import get_variant
@@ -51,14 +52,7 @@ class SAMTrainer(Trainer):
 
     # ---- set-up checks -----------------------------------------------------------------------
     def _check_supported(self):
-        if self.is_deepspeed_enabled:
-            raise ValueError("SAMTrainer does not support DeepSpeed yet (it owns the backward and the optimizer "
-                             "step). Remove `deepspeed` from the TrainingArguments; DDP (accelerate launch "
-                             "--multi_gpu) is supported.")
-        if self.is_fsdp_enabled:
-            raise ValueError("SAMTrainer does not support FSDP yet (the ascent would need a sharded global norm). "
-                             "Remove `fsdp` from the TrainingArguments; DDP (accelerate launch --multi_gpu) is "
-                             "supported.")
+        self.sam_config = sharded.setup(self)  # FSDP2 / refusals; resolves sync_ascent=None (auto)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
         if optim in _STEP_INSIDE_BACKWARD or optim.endswith("_layerwise"):
             raise ValueError(f"optim={optim!r} updates the weights inside the backward pass, which leaves no point "
@@ -227,7 +221,7 @@ class SAMTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sam_state:
-            torch.save(self.sam_state, self._sam_state_path(output_dir))
+            torch.save(sharded.state_to_save(self.sam_state), self._sam_state_path(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -236,7 +230,8 @@ class SAMTrainer(Trainer):
         path = self._sam_state_path(checkpoint)
         if os.path.isfile(path):
             self.sam_state.clear()
-            self.sam_state.update(torch.load(path, map_location=self.args.device, weights_only=True))
+            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            self.sam_state.update(sharded.state_loaded(self, state))
 
     # ---- model card ------------------------------------------------------------------------------
     def sam_tags(self) -> list[str]:

@@ -1,0 +1,279 @@
+"""Sharded data parallelism for SAMTrainer: FSDP2 (exact, both ascent modes) and the refusals.
+
+What sharding changes in a SAM step (the variants do not see it; hf_sam.ops takes DTensors):
+
+- Global ascent (`sync_ascent=True`, the default under FSDP): every pass reduce-scatters, so the
+  sharded gradients of the clean pass are the global-batch mean. The norm is one fp32 scalar
+  all-reduce of the local shards' squared norms (ops.global_norm); e is added to the local shards in
+  place and the weights come back by copy from a snapshot of the local shards. Each group is
+  resharded before a pass, so the forward all-gathers the current shards. Memory: one extra
+  sharded copy (the snapshot), like plain SAM. Collectives per step: twice the stock all-gathers and
+  reduce-scatters, plus one scalar all-reduce.
+- Per-device ascent (`sync_ascent=False`, the SAM paper's m = per-device batch): the clean pass runs
+  with `set_requires_gradient_sync(False)` and `set_reshard_after_backward(False)`, so each device
+  keeps the full (unsharded) parameters and its own full gradient. e is computed from that gradient
+  and added to the unsharded parameters; the descent pass runs without resharding after forward
+  (nothing is all-gathered again), reduce-scatters g(w + e_r) and reshards, which drops w + e_r.
+  The shards never move. Memory: DDP-level during the step (full parameters, full gradient and a
+  full snapshot). Collectives: the stock step's.
+- Gradient accumulation: the Trainer's `no_sync` on non-final micro-batches would keep the clean
+  pass's gradient unsharded and mix it into the next reduce-scatter. Each SAM pass sets the gradient
+  sync itself (sync_each_batch semantics): one reduce-scatter per pass and micro-batch.
+
+Refused with a message: FSDP1 (set fsdp_version 2), DeepSpeed, variants not listed below, HSDP, and
+a run that asked for FSDP or DeepSpeed but was set up without it (accelerate does not shard on a CPU).
+"""
+
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger(__name__)
+
+# Variants tested under FSDP2 against their single-process references (tests/test_fsdp.py).
+FSDP_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# Per-device ascent keeps the unsharded parameters between the passes; tested for the variants whose
+# step is clean pass -> ascent -> descent pass at w + e (no explicit descent gradient).
+FSDP_PER_DEVICE_VARIANTS = ("sam", "asam", "fsam")
+
+
+class Sharding:
+    """How this run is sharded (set once when the trainer is built)."""
+
+    def __init__(self, kind, sync_ascent_auto=False):
+        self.kind = kind  # "fsdp2"
+        self.sync_ascent_auto = sync_ascent_auto  # sync_ascent was left unset and FSDP chose global ascent
+
+
+def _env_true(name):
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def kind(trainer):
+    """'fsdp2', 'fsdp1', 'deepspeed' or None, from the accelerator the trainer set up."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp1"
+    return None
+
+
+def requested(args):
+    """What the user asked for: 'FSDP', 'DeepSpeed' or None (TrainingArguments or accelerate launch)."""
+    if getattr(args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
+def setup(trainer):
+    """Check the set-up and resolve `sync_ascent`; returns the config to use. Raises ValueError."""
+    import dataclasses
+
+    config = trainer.sam_config
+    k = kind(trainer)
+    asked = requested(trainer.args)
+    if k is None and asked is not None and trainer.accelerator.num_processes > 1:
+        raise ValueError(
+            f"{asked} was requested (TrainingArguments or accelerate config) but accelerate set up "
+            f"{trainer.accelerator.distributed_type} instead: on a CPU (use_cpu=True) accelerate does not shard, so "
+            f"this run would silently train replicated copies (DDP) with DDP's memory. SAMTrainer stops here. "
+            f"Remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` to train with DDP on purpose, or run on GPUs.")
+    if k == "deepspeed":
+        raise ValueError(
+            "SAMTrainer does not support DeepSpeed yet: accelerate runs the DeepSpeed engine's step inside the "
+            "backward of the last micro-batch, and the Trainer's DeepSpeed path cannot be exercised on a CPU to "
+            "test SAM's restore before it. Use FSDP2 (fsdp_config={'fsdp_version': 2}, "
+            "configs/accelerate/fsdp.yaml) or DDP.")
+    if k == "fsdp1":
+        raise ValueError(
+            "SAMTrainer supports FSDP2 only: FSDP1 flattens the parameters into one sharded buffer, which the "
+            "ascent cannot perturb and restore per parameter. Set `fsdp_version: 2` in fsdp_config (or "
+            "fsdp_version: 2 in the accelerate config).")
+    if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
+        trainer._sam_sharding = None
+        return config
+    auto = config.sync_ascent is None
+    if auto:
+        config = dataclasses.replace(config, sync_ascent=True)
+    if config.variant not in FSDP_VARIANTS:
+        raise ValueError(
+            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(FSDP_VARIANTS)} are "
+            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
+    if not config.sync_ascent and config.variant not in FSDP_PER_DEVICE_VARIANTS:
+        raise ValueError(
+            f"variant {config.variant!r} with per-device ascent (sync_ascent=False) is not supported under FSDP "
+            f"yet (only {', '.join(FSDP_PER_DEVICE_VARIANTS)}). Set sync_ascent=True (global ascent).")
+    if auto:
+        logger.warning(
+            "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
+            "sharded memory, +1 scalar all-reduce and a second all-gather/reduce-scatter per pass). Set "
+            "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
+    trainer._sam_sharding = Sharding("fsdp2", sync_ascent_auto=auto)
+    return config
+
+
+# ---- FSDP2 mechanics --------------------------------------------------------------------------------
+def _fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp_params(modules):
+    """FSDPParam of each sharded parameter, by id of the sharded parameter."""
+    out = {}
+    for m in modules:
+        for group in m._get_fsdp_state()._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                out[id(fp.sharded_param)] = fp
+    return out
+
+
+def _reshard(modules):
+    for m in modules:
+        m.reshard()
+
+
+class _StepState:
+    """Per micro-batch: the unsharded parameters held between the passes of a per-device ascent."""
+
+    def __init__(self, ctx):
+        self.modules = _fsdp_modules(ctx.model)  # pre-order: the root comes first
+        if not self.modules:
+            raise RuntimeError("FSDP2 is enabled but the model has no fully_shard module")
+        self.root = self.modules[0]
+        self.held = None  # FSDPParam list aligned with ctx.selection.params while unsharded is held
+
+
+def _state(ctx):
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None:
+        st = ctx._sam_sharded_step = _StepState(ctx)
+    return st
+
+
+def active(ctx):
+    return getattr(ctx.trainer, "_sam_sharding", None) is not None
+
+
+def pass_context(ctx, sync, final):
+    """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
+    if not active(ctx):
+        return nullcontext() if sync or final else ctx.trainer.accelerator.no_sync(ctx.model)
+    return _fsdp_pass(ctx, sync, final)
+
+
+@contextmanager
+def _fsdp_pass(ctx, sync, final):
+    st = _state(ctx)
+    root = st.root
+    if st.held is None:
+        _reshard(st.modules)  # the forward must all-gather the current shards (they may have moved)
+    saved_forward = None
+    if st.held is not None:  # keep w + e unsharded: no reshard after forward, no re-all-gather in backward
+        saved_forward = [(m._get_fsdp_state(), m._get_fsdp_state()._auto_reshard_after_forward,
+                          [(g, g.post_forward_mesh_info) for g in m._get_fsdp_state()._fsdp_param_groups])
+                         for m in st.modules]
+        root.set_reshard_after_forward(False)
+    reduce = sync or final
+    root.set_requires_gradient_sync(reduce)
+    if not reduce:
+        root.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+        root.set_reshard_after_backward(True)
+        if saved_forward is not None:
+            for state, auto, groups in saved_forward:  # back to each module's own setting
+                state._auto_reshard_after_forward = auto
+                for group, info in groups:
+                    group.post_forward_mesh_info = info
+    if not reduce:
+        _hold_unsharded(ctx, st)
+    elif st.held is not None and final:
+        _drop_unsharded(ctx, st)
+
+
+def _hold_unsharded(ctx, st):
+    """After a per-device pass: the step works on the unsharded parameters and their local gradients."""
+    if st.held is None:
+        by_id = _fsdp_params(st.modules)
+        sharded = ctx.selection.params
+        missing = [n for n, p in zip(ctx.names, sharded) if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"per-device ascent under FSDP needs every trained parameter sharded by FSDP2; not "
+                             f"sharded: {', '.join(missing[:3])}. Set sync_ascent=True.")
+        st.held = [by_id[id(p)] for p in sharded]
+    unsharded = []
+    for fp in st.held:
+        u = fp.unsharded_param
+        if fp.unsharded_accumulated_grad is not None:  # reduce_dtype differs: FSDP moved the grad there
+            u.grad = fp.unsharded_accumulated_grad.to(u.dtype)
+            fp.unsharded_accumulated_grad = None
+        unsharded.append(u)
+    ctx.params = unsharded
+
+
+def _drop_unsharded(ctx, st):
+    """The descent pass resharded: w + e is gone with the unsharded parameters; the shards never moved."""
+    ctx.params = ctx.selection.params
+    ctx._moved = False
+    ctx._saved = None
+    st.held = None
+
+
+def release(ctx):
+    """Called when a micro-batch ends (also on error): drop held unsharded parameters and their grads."""
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None or st.held is None:
+        return
+    for fp in st.held:
+        fp.unsharded_param.grad = None
+    _reshard(st.modules)
+    _drop_unsharded(ctx, st)
+
+
+def grads_are_global(ctx):
+    """Whether set_final's descent gradient is already the global mean (FSDP global ascent)."""
+    return active(ctx)
+
+
+# ---- checkpoints: the variants' state holds DTensors under FSDP ---------------------------------------
+def state_to_save(state):
+    """sam_state with every DTensor replaced by its local shard (each rank saves its own file)."""
+    return _map(state, lambda t: t.to_local() if ops.is_sharded(t) else t)
+
+
+def state_loaded(trainer, state):
+    """Inverse of state_to_save: lists aligned with the trained parameters get their DTensor specs back."""
+    if getattr(trainer, "_sam_sharding", None) is None or trainer.optimizer is None:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    params = trainer._selection().params
+
+    def wrap(value):
+        if isinstance(value, list) and len(value) == len(params):
+            return [DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    if torch.is_tensor(t) and ops.is_sharded(p) else wrap(t) for t, p in zip(value, params)]
+        if isinstance(value, dict):
+            return {k: wrap(v) for k, v in value.items()}
+        return value
+
+    return wrap(state)
+
+
+def _map(value, fn):
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    return fn(value) if torch.is_tensor(value) else value
