@@ -230,7 +230,8 @@ class SAMTrainer(Trainer):
         path = self._sam_state_path(checkpoint)
         if os.path.isfile(path):
             self.sam_state.clear()
-            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch.load rejects "cpu:0"
+            state = torch.load(path, map_location=device, weights_only=True)
             self.sam_state.update(sharded.state_loaded(self, state))
 
     # ---- model card ------------------------------------------------------------------------------

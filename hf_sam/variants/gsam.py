@@ -50,11 +50,7 @@ PAPER = {
 
 
 # ---- small vector helpers shared by the group-A variants (lists of tensors = one flat vector) -------
-def global_dot(a, b) -> torch.Tensor:
-    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync)."""
-    if not a:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
+global_dot = ops.global_dot  # sum_i <a_i, b_i> in fp32, 0-dim device tensor; sharded tensors: one scalar all-reduce
 
 
 def common(ctx, *lists):
