@@ -218,6 +218,15 @@ def check(name, out):
         res["first_run_moved"] = max((full(p) - full(q)).abs().max().item() for p, q in
                                      zip(first.model.parameters(), full_run.model.parameters()))
         return res
+    if name == "cpu_asked_fsdp":  # no forcing: on a CPU accelerate sets up DDP although FSDP was asked for
+        try:
+            tiny.InOrderSAMTrainer(model=model(), args=tiny.args(os.path.join(out, name), fsdp="full_shard",
+                                                                 fsdp_config={"fsdp_version": 2}),
+                                   train_dataset=Ids(8))
+            res["refused"] = None
+        except ValueError as err:
+            res["refused"] = str(err)
+        return res
     variant, mode, ga = name.split("_")  # e.g. sam_global_2
     ga = int(ga)
     cfg = {"sam_rho": 0.5, **VARIANT_CFG[variant]}

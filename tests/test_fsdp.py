@@ -1,0 +1,142 @@
+"""SAMTrainer on FSDP2: two gloo processes on the CPU (tests/fsdp_worker.py), and the refusals.
+
+Each launch of the worker runs several trainers (one process pair, ~15-25 s); the references are
+single-process plain-torch implementations of the variants' equations (in the worker).
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from hf_sam import SAMConfig, sharded
+from hf_sam.cards import _ascent
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCHES = {
+    "core": ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "asam_global_1", "asam_local_1"],
+    "variants": ["gsam_global_1", "looksam_global_1", "fsam_global_1", "fsam_local_1", "resume"],
+}
+
+
+def _launch(out, names, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(HERE, "fsdp_worker.py"), str(out), *names]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {}
+    for name in names:
+        res = json.load(open(out / f"fsdp_{name}.json"))
+        assert "error" not in res, f"{name}: {res.get('error')}\n{res.get('trace')}"
+        results[name] = res
+    return results
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp_core"), LAUNCHES["core"], 29621)
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp_variants"), LAUNCHES["variants"], 29623)
+
+
+def test_global_ascent_is_the_default_and_exact_for_ga_1_and_2(core):
+    for name in ("sam_global_1", "sam_global_2"):
+        r = core[name]
+        assert r["sync_ascent"] is True  # sync_ascent left unset: global ascent under FSDP
+        assert r["dev_vs_global"] <= 1e-5, (name, r)
+        assert r["dev_vs_local"] > 1e-3, (name, r)  # the test tells the two modes apart
+        assert r["sharded"] and r["wte_local_rows"] == 51  # vocabulary 101 over 2 ranks: 51 + 50 rows
+    assert core["sam_global_2"]["distinct_micro_batches"] == 12  # 3 steps x 2 micro-batches x 2 ranks
+
+
+def test_per_device_ascent_is_exact_and_differs_from_global(core):
+    for name in ("sam_local_1", "asam_local_1"):
+        r = core[name]
+        assert r["sync_ascent"] is False
+        assert r["dev_vs_local"] <= 1e-5, (name, r)
+        assert r["dev_vs_global"] > 1e-3, (name, r)
+        assert r["sharded"]
+
+
+def test_collectives_per_micro_batch(core):
+    glob, local = core["sam_global_1"]["collectives_per_micro_batch"][0], core["sam_local_1"]["collectives_per_micro_batch"][0]
+    # per-device ascent: the descent pass reuses the parameters the clean pass gathered
+    assert glob["all_gather"] == 2 * local["all_gather"] and glob["reduce_scatter"] == 2 * local["reduce_scatter"]
+    assert local["all_reduce"] == 0
+    assert glob["all_reduce"] == 2  # the ascent norm and the perturbation-norm metric: one scalar each
+
+
+def test_asam_under_fsdp(core):
+    assert core["asam_global_1"]["dev_vs_global"] <= 1e-5
+
+
+def test_fsdp_requested_on_cpu_is_refused(core):
+    assert "accelerate set up" in core["cpu_asked_fsdp"]["refused"]
+    assert "FSDP was requested" in core["cpu_asked_fsdp"]["refused"]
+
+
+def test_gsam_looksam_fsam_under_fsdp(variants):
+    for name in ("gsam_global_1", "looksam_global_1", "fsam_global_1"):
+        assert variants[name]["dev_vs_global"] <= 1e-5, (name, variants[name])
+    assert variants["fsam_local_1"]["dev_vs_local"] <= 1e-5
+    assert variants["fsam_local_1"]["dev_vs_global"] > 1e-3
+
+
+def test_resume_equals_uninterrupted_run(variants):
+    r = variants["resume"]
+    assert r["resume_vs_uninterrupted"] <= 1e-6
+    assert r["first_run_moved"] > 1e-4  # the 2-step run stopped elsewhere: the resume did the work
+    assert {"sam_state_rank0.pt", "sam_state_rank1.pt", "pytorch_model_fsdp_0"} <= set(r["ckpt_files"])
+
+
+# ---- set-up checks without processes ---------------------------------------------------------------
+def _fake(kind=None, version=2, variant="sam", sync=None, fsdp=False, deepspeed=None, processes=2):
+    plugin = SimpleNamespace(fsdp_version=version) if kind == "fsdp" else None
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), num_processes=processes,
+                          distributed_type="MULTI_CPU")
+    return SimpleNamespace(is_deepspeed_enabled=kind == "deepspeed", is_fsdp_enabled=kind == "fsdp",
+                           accelerator=acc, args=SimpleNamespace(fsdp=fsdp, deepspeed=deepspeed),
+                           sam_config=SAMConfig(variant=variant, sync_ascent=sync))
+
+
+def test_refusals_name_the_fix(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        sharded.setup(_fake("fsdp", version=1, fsdp=True))
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        sharded.setup(_fake("deepspeed", deepspeed={"zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
+        sharded.setup(_fake("fsdp", variant="esam", fsdp=True))
+    with pytest.raises(ValueError, match="'gsam' with per-device ascent.*sync_ascent=True"):
+        sharded.setup(_fake("fsdp", variant="gsam", sync=False, fsdp=True))
+    with pytest.raises(ValueError, match="DeepSpeed was requested"):
+        sharded.setup(_fake(deepspeed="ds.json"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file fsdp.yaml on a CPU
+    with pytest.raises(ValueError, match="FSDP was requested"):
+        sharded.setup(_fake())
+    assert sharded.setup(_fake(processes=1)).sync_ascent is None  # one process: nothing to shard
+
+
+def test_sync_ascent_default_depends_on_fsdp(caplog):
+    tr = _fake("fsdp", fsdp=True)
+    with caplog.at_level(logging.WARNING, logger="hf_sam.sharded"):
+        cfg = sharded.setup(tr)
+    assert cfg.sync_ascent is True and tr._sam_sharding.sync_ascent_auto
+    assert "global ascent" in caplog.text
+    tr.sam_config = cfg
+    assert "the default under FSDP" in _ascent(tr)
+    explicit = _fake("fsdp", fsdp=True, sync=False)
+    assert sharded.setup(explicit).sync_ascent is False
+    ddp = _fake()
+    ddp.args.fsdp = False
+    assert sharded.setup(ddp).sync_ascent is None  # DDP: None reads as per-device ascent
+    assert "per device" in _ascent(ddp)
