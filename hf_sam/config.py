@@ -217,6 +217,7 @@ class SAMConfig:
     # (end of group B)
 
     def __post_init__(self):
+        self._coerce_numbers()
         if isinstance(self.mupp_roles, str):
             try:
                 self.mupp_roles = json.loads(self.mupp_roles)
@@ -228,6 +229,22 @@ class SAMConfig:
             if isinstance(value, str):
                 setattr(self, name, [value])
         self.validate()
+
+    def _coerce_numbers(self) -> None:
+        """Numbers written as text (PyYAML reads `1e-2` as a string) become numbers, or a clear error."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                continue
+            kind = _numeric_kind(f.type)
+            if kind is None:
+                continue
+            try:
+                number = float(value) if kind is float else int(value)
+            except ValueError:
+                raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
+                                 f"{'a number' if kind is float else 'an integer'}.") from None
+            setattr(self, f.name, number)
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -296,6 +313,20 @@ class SAMConfig:
 PREFIX = "sam_"
 
 
+def _numeric_kind(annotation):
+    """float or int when a field's type is float / int (optionally | None), else None."""
+    text = str(annotation)
+    for kind in (float, int):
+        if annotation is kind or text in (kind.__name__, f"{kind.__name__} | None", f"typing.Optional[{kind.__name__}]"):
+            return kind
+    args = getattr(annotation, "__args__", ())
+    if args and all(a in (float, type(None)) for a in args):
+        return float
+    if args and all(a in (int, type(None)) for a in args):
+        return int
+    return None
+
+
 def _argument_fields():
     """SAMConfig's fields as `sam_<name>` TrainingArguments fields (same default, type and help)."""
     out = []
@@ -313,30 +344,62 @@ def _argument_fields():
     return out
 
 
-_SAMArgumentFields = dataclasses.make_dataclass("_SAMArgumentFields", _argument_fields(), bases=(TrainingArguments,))
+_WITH_SAM_ARGS: dict[type, type] = {}
 
 
-@dataclass
-class SAMTrainingArguments(_SAMArgumentFields):
-    """`TrainingArguments` plus every `SAMConfig` setting as `sam_<name>` (e.g. `--sam_rho 0.1`).
+def with_sam_args(args_class: type) -> type:
+    """`args_class` (a TrainingArguments subclass) plus every SAMConfig setting as `sam_<name>`.
 
-    The fields are generated from `SAMConfig`, so names, defaults, help and validation have one
-    source. `args.sam_config` returns the validated `SAMConfig`.
+    The fields are generated from SAMConfig (same defaults, types, help and choices), so
+    HfArgumentParser, YAML/JSON files and TRL's parser see `--sam_rho 0.1 --sam_variant gsam`;
+    the settings are validated when the arguments are built. `args.sam_config` is the SAMConfig.
+    Examples: `with_sam_args(SFTConfig)`, `with_sam_args(Seq2SeqTrainingArguments)`.
     """
+    if not (isinstance(args_class, type) and issubclass(args_class, TrainingArguments)):
+        raise TypeError(f"with_sam_args expects a transformers.TrainingArguments subclass, got {args_class!r}")
+    if all(hasattr(args_class, PREFIX + f.name) for f in fields(SAMConfig)):
+        return args_class
+    if args_class not in _WITH_SAM_ARGS:
+        name = "SAMTrainingArguments" if args_class is TrainingArguments else f"SAM{args_class.__name__}"
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._sam_config = config_from_arguments(self)  # validates before any training starts
+        def __post_init__(self):
+            super(cls, self).__post_init__()
+            config = config_from_arguments(self)  # validates before any training starts
+            for f in fields(SAMConfig):  # numbers read from text files become numbers
+                setattr(self, PREFIX + f.name, getattr(config, f.name))
 
-    @property
-    def sam_config(self) -> SAMConfig:
-        return config_from_arguments(self)
+        def sam_config(self) -> SAMConfig:
+            return config_from_arguments(self)
+
+        namespace = {"__post_init__": __post_init__, "sam_config": property(sam_config, doc="The validated SAMConfig."),
+                     "__doc__": f"`{args_class.__name__}` plus every `SAMConfig` setting as `sam_<name>` "
+                                "(e.g. `--sam_rho 0.1`); see hf_sam.with_sam_args."}
+        cls = dataclasses.make_dataclass(name, _argument_fields(), bases=(args_class,), namespace=namespace)
+        cls.__module__ = __name__
+        _WITH_SAM_ARGS[args_class] = cls
+    return _WITH_SAM_ARGS[args_class]
+
+
+SAMTrainingArguments = with_sam_args(TrainingArguments)
 
 
 def config_from_arguments(args) -> SAMConfig:
     """SAMConfig from any object that has `sam_<name>` attributes (missing ones keep their default)."""
     values = {f.name: getattr(args, PREFIX + f.name) for f in fields(SAMConfig) if hasattr(args, PREFIX + f.name)}
     return SAMConfig(**values)
+
+
+def sam_arguments_changed(args) -> dict[str, Any]:
+    """The `sam_<name>` attributes of `args` whose values differ from SAMConfig's defaults."""
+    out = {}
+    for f in fields(SAMConfig):
+        if not hasattr(args, PREFIX + f.name):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(args, PREFIX + f.name)
+        if value != default:
+            out[f.name] = value
+    return out
 
 
 def settings_markdown() -> str:

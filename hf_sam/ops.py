@@ -87,6 +87,25 @@ def zero_nonfinite_(tensors: Tensors) -> None:
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def zero_where_(tensors: Tensors, condition: torch.Tensor) -> None:
+    """t_i = 0 where the 0-dim bool `condition` is true (NaN too), else unchanged; no host sync."""
+    for t in local(tensors):
+        t.masked_fill_(plain(condition), 0)
+
+
+def rng_state():
+    """The CPU and (initialised) CUDA generators' states, to replay a pass's random draws."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = None) -> Tensors:
     """t_i *= factors_i * scale, in place."""
     ts = local(tensors)

@@ -72,31 +72,34 @@ def requested(args):
     return None
 
 
-def setup(trainer):
-    """Check the set-up and resolve `sync_ascent`; returns the config to use. Raises ValueError."""
-    import dataclasses
-
-    config = trainer.sam_config
+def check(trainer):
+    """Refuse what cannot run (DeepSpeed, FSDP1, sharding asked for but not set up). Raises ValueError."""
     k = kind(trainer)
     asked = requested(trainer.args)
     if k is None and asked is not None and trainer.accelerator.num_processes > 1:
         raise ValueError(
             f"{asked} was requested (TrainingArguments or accelerate config) but accelerate set up "
             f"{trainer.accelerator.distributed_type} instead: on a CPU (use_cpu=True) accelerate does not shard, so "
-            f"this run would silently train replicated copies (DDP) with DDP's memory. SAMTrainer stops here. "
+            f"this run would silently train replicated copies (DDP) with DDP's memory. hf_sam stops here. "
             f"Remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` to train with DDP on purpose, or run on GPUs.")
     if k == "deepspeed":
         raise ValueError(
-            "SAMTrainer does not support DeepSpeed yet: accelerate runs the DeepSpeed engine's step inside the "
+            "hf_sam does not support DeepSpeed yet: accelerate runs the DeepSpeed engine's step inside the "
             "backward of the last micro-batch, and the Trainer's DeepSpeed path cannot be exercised on a CPU to "
             "test SAM's restore before it. Use FSDP2 (fsdp_config={'fsdp_version': 2}, "
             "configs/accelerate/fsdp.yaml) or DDP.")
     if k == "fsdp1":
         raise ValueError(
-            "SAMTrainer supports FSDP2 only: FSDP1 flattens the parameters into one sharded buffer, which the "
+            "hf_sam supports FSDP2 only: FSDP1 flattens the parameters into one sharded buffer, which the "
             "ascent cannot perturb and restore per parameter. Set `fsdp_version: 2` in fsdp_config (or "
             "fsdp_version: 2 in the accelerate config).")
-    if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
+
+
+def setup(trainer, config):
+    """`config` for this trainer: refusals per variant under FSDP2, sync_ascent=None (auto) resolved."""
+    import dataclasses
+
+    if kind(trainer) != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         trainer._sam_sharding = None
         return config
     auto = config.sync_ascent is None
@@ -110,7 +113,8 @@ def setup(trainer):
         raise ValueError(
             f"variant {config.variant!r} with per-device ascent (sync_ascent=False) is not supported under FSDP "
             f"yet (only {', '.join(FSDP_PER_DEVICE_VARIANTS)}). Set sync_ascent=True (global ascent).")
-    if auto:
+    previous = getattr(trainer, "_sam_sharding", None)
+    if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
             "sharded memory, +1 scalar all-reduce and a second all-gather/reduce-scatter per pass). Set "
@@ -160,13 +164,13 @@ def _state(ctx):
 
 
 def active(ctx):
-    return getattr(ctx.trainer, "_sam_sharding", None) is not None
+    return getattr(ctx.trainer, "_sam_sharding", None) is not None  # trainer is None for hf_sam.SAM
 
 
 def pass_context(ctx, sync, final):
     """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
     if not active(ctx):
-        return nullcontext() if sync or final else ctx.trainer.accelerator.no_sync(ctx.model)
+        return nullcontext() if sync or final else ctx.no_sync()
     return _fsdp_pass(ctx, sync, final)
 
 
@@ -258,7 +262,9 @@ def state_loaded(trainer, state):
         return state
     from torch.distributed.tensor import DTensor
 
-    params = trainer._selection().params
+    from .step import unique_trainable
+
+    params = unique_trainable(trainer.optimizer.param_groups)  # what the variants' lists are aligned with
 
     def wrap(value):
         if isinstance(value, list) and len(value) == len(params):

@@ -77,7 +77,11 @@ def test_config_source_priority(tmp_path):
     assert SAMTrainer(model=tiny.MLP(), args=plain).sam_config == SAMConfig()  # defaults: SAM, rho 0.05
     args = tiny.args(tmp_path, sam_rho=0.3)
     assert SAMTrainer(model=tiny.MLP(), args=args).sam_config.rho == 0.3
-    assert SAMTrainer(model=tiny.MLP(), args=args, sam_config=SAMConfig(rho=0.7)).sam_config.rho == 0.7
+    # sam_config= with default sam_* arguments: the config is used
+    assert SAMTrainer(model=tiny.MLP(), args=tiny.args(tmp_path), sam_config=SAMConfig(rho=0.7)).sam_config.rho == 0.7
+    # both set: an error that names both sources (no silent winner)
+    with pytest.raises(ValueError, match=r"sam_config=SAMConfig\(\.\.\.\) and the arguments' sam_rho=0\.3"):
+        SAMTrainer(model=tiny.MLP(), args=args, sam_config=SAMConfig(rho=0.7))
 
 
 @pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise"])
@@ -90,10 +94,10 @@ def test_deepspeed_and_fsdp_are_refused(tmp_path):
     tr = tiny.trainer(tmp_path)
     tr.is_deepspeed_enabled = True
     with pytest.raises(ValueError, match="DeepSpeed"):
-        tr._check_supported()
+        tr._sam_check_supported()
     tr.is_deepspeed_enabled, tr.is_fsdp_enabled = False, True
     with pytest.raises(ValueError, match="FSDP"):
-        tr._check_supported()
+        tr._sam_check_supported()
 
 
 def test_selection_that_leaves_nothing_is_refused_before_training(tmp_path):

@@ -107,36 +107,42 @@ def _fake(kind=None, version=2, variant="sam", sync=None, fsdp=False, deepspeed=
                            sam_config=SAMConfig(variant=variant, sync_ascent=sync))
 
 
+def _setup_args(*a, **k):
+    tr = _fake(*a, **k)
+    sharded.check(tr)
+    return tr, tr.sam_config
+
+
 def test_refusals_name_the_fix(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     with pytest.raises(ValueError, match="fsdp_version: 2"):
-        sharded.setup(_fake("fsdp", version=1, fsdp=True))
+        sharded.setup(*_setup_args("fsdp", version=1, fsdp=True))
     with pytest.raises(ValueError, match="DeepSpeed"):
-        sharded.setup(_fake("deepspeed", deepspeed={"zero_optimization": {"stage": 2}}))
+        sharded.setup(*_setup_args("deepspeed", deepspeed={"zero_optimization": {"stage": 2}}))
     with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
-        sharded.setup(_fake("fsdp", variant="esam", fsdp=True))
+        sharded.setup(*_setup_args("fsdp", variant="esam", fsdp=True))
     with pytest.raises(ValueError, match="'gsam' with per-device ascent.*sync_ascent=True"):
-        sharded.setup(_fake("fsdp", variant="gsam", sync=False, fsdp=True))
+        sharded.setup(*_setup_args("fsdp", variant="gsam", sync=False, fsdp=True))
     with pytest.raises(ValueError, match="DeepSpeed was requested"):
-        sharded.setup(_fake(deepspeed="ds.json"))
+        sharded.setup(*_setup_args(deepspeed="ds.json"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --config_file fsdp.yaml on a CPU
     with pytest.raises(ValueError, match="FSDP was requested"):
-        sharded.setup(_fake())
-    assert sharded.setup(_fake(processes=1)).sync_ascent is None  # one process: nothing to shard
+        sharded.setup(*_setup_args())
+    assert sharded.setup(*_setup_args(processes=1)).sync_ascent is None  # one process: nothing to shard
 
 
 def test_sync_ascent_default_depends_on_fsdp(caplog):
     tr = _fake("fsdp", fsdp=True)
     with caplog.at_level(logging.WARNING, logger="hf_sam.sharded"):
-        cfg = sharded.setup(tr)
+        cfg = sharded.setup(tr, tr.sam_config)
     assert cfg.sync_ascent is True and tr._sam_sharding.sync_ascent_auto
     assert "global ascent" in caplog.text
     tr.sam_config = cfg
     assert "the default under FSDP" in _ascent(tr)
     explicit = _fake("fsdp", fsdp=True, sync=False)
-    assert sharded.setup(explicit).sync_ascent is False
+    assert sharded.setup(explicit, explicit.sam_config).sync_ascent is False
     ddp = _fake()
     ddp.args.fsdp = False
-    assert sharded.setup(ddp).sync_ascent is None  # DDP: None reads as per-device ascent
+    assert sharded.setup(ddp, ddp.sam_config).sync_ascent is None  # DDP: None reads as per-device ascent
     assert "per device" in _ascent(ddp)

@@ -386,7 +386,7 @@ def test_crsam_three_passes(tmp_path):
     sizes = count_forwards(model)
     tr = train(tmp_path, "crsam", model, steps=2)
     assert len(sizes) == 3 * 2
-    assert tr._sam_last_passes == 3
+    assert tr._sam.last_passes == 3
 
 
 def test_esam_descends_on_the_selected_samples(tmp_path):

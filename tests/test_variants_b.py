@@ -814,7 +814,7 @@ def _ddp_worker(out_dir):
 
         def recording_step(model, inputs, num_items_in_batch=None, _step=step, _passes=passes, _tr=trainer):
             loss = _step(model, inputs, num_items_in_batch)
-            _passes.append(_tr._sam_last_passes)
+            _passes.append(_tr._sam.last_passes)
             return loss
 
         trainer.training_step = recording_step

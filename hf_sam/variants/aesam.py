@@ -57,8 +57,8 @@ def decide(ctx, sq: float) -> bool:
     mu = delta * st.get("aesam_mean", 0.0) + (1.0 - delta) * sq
     var = delta * st.get("aesam_var", 0.0) + (1.0 - delta) * (sq - mu) ** 2
     st["aesam_mean"], st["aesam_var"] = mu, var
-    total = ctx.trainer.state.max_steps or 0
-    frac = min(ctx.trainer.state.global_step / total, 1.0) if total > 0 else 0.0
+    total = ctx.max_steps or 0
+    frac = min(ctx.global_step / total, 1.0) if total > 0 else 0.0
     c = frac * cfg.aesam_lambda1 + (1.0 - frac) * cfg.aesam_lambda2
     use_sam = sq >= mu + c * math.sqrt(var)
     st["aesam_sam_steps"] = st.get("aesam_sam_steps", 0) + int(use_sam)
@@ -82,4 +82,4 @@ def aesam(ctx):
     ctx.grad(at=e, final=True, release=True)                  # SAM: descent at w + e
 
 
-register("aesam", passes=2, paper=AESAM_PAPER)(aesam)
+register("aesam", trainer_only=True, passes=2, paper=AESAM_PAPER)(aesam)

@@ -131,4 +131,4 @@ def esam(ctx):
     ctx.grad(at=e, final=True, loss_hook=hook, release=True)
 
 
-register("esam", paper=PAPER)(esam)
+register("esam", trainer_only=True, paper=PAPER)(esam)

@@ -117,4 +117,4 @@ def gsam(ctx):
     ctx.set_final(g_adv)
 
 
-register("gsam", paper=PAPER, check=check)(gsam)
+register("gsam", trainer_only=True, paper=PAPER, check=check)(gsam)

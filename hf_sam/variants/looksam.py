@@ -45,7 +45,7 @@ PAPER = {
 
 def looksam(ctx):
     cfg, state = ctx.config, ctx.state
-    step = ctx.trainer.state.global_step
+    step = ctx.global_step
     g_v = state.get("looksam_gv")
     g = ctx.grad()                                            # clean pass at w
     if g_v is None or step % cfg.looksam_k == 0:

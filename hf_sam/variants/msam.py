@@ -108,7 +108,7 @@ def momentum(ctx):
         m = ctx.optimizer_state(key)
         if any(x is not None for x in m):
             return m
-    if any(ctx.trainer.optimizer.state.get(p) for p in ctx.params):
+    if any(ctx.optimizer.state.get(p) for p in ctx.params):
         raise RuntimeError(f"variant='msam': the optimizer's state has none of {', '.join(MOMENTUM_KEYS)}. {_HINT}")
     return m
 

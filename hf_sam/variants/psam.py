@@ -77,7 +77,7 @@ def on_setup(trainer):
 
 def precondition(ctx, g):
     """u = g / (sqrt(v_hat) + eps) for the selected parameters with a gradient; None if some lack state."""
-    opt = ctx.trainer.optimizer
+    opt = ctx.optimizer
     state = opt.state
     group_of = {}
     for group in opt.param_groups:

@@ -25,6 +25,7 @@ class Variant:
         "evaluate" (evaluate/predict) and "save_model" (e.g. to swap in averaged weights).
     on_setup: optional `on_setup(trainer)` run once in SAMTrainer.__init__ (check the setup, e.g.
         the optimizer type or dataset columns, and raise ValueError before training starts).
+    trainer_only: the step reads the Trainer (`ctx.trainer`), so hf_sam.SAM refuses it.
     """
 
     name: str
@@ -36,11 +37,12 @@ class Variant:
     check: Callable = _no_check
     hooks: dict = field(default_factory=dict)
     on_setup: Callable | None = None
+    trainer_only: bool = False
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
-             on_setup: Callable | None = None, replace: bool = False):
+             on_setup: Callable | None = None, trainer_only: bool = False, replace: bool = False):
     """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable."""
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"variant name must be a non-empty identifier, got {name!r}")
@@ -50,7 +52,8 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
             raise ValueError(f"variant {name!r} is already registered; pass replace=True to override it")
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
                                   paper=dict(paper or {}), check=check or _no_check,
-                                  hooks=dict(hooks or {}), on_setup=on_setup)
+                                  hooks=dict(hooks or {}), on_setup=on_setup,
+                                  trainer_only=trainer_only)
         return fn
 
     return wrap

@@ -63,4 +63,4 @@ def rsam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + delta + rho g~/||g~||
 
 
-register("rsam", paper=RSAM_PAPER)(rsam)
+register("rsam", trainer_only=True, paper=RSAM_PAPER)(rsam)

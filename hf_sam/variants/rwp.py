@@ -83,4 +83,4 @@ def _check(config):
                          "use rho_scaling='none'.")
 
 
-register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)
+register("rwp", trainer_only=True, uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)

@@ -75,7 +75,7 @@ def _capture(box, replay=None):
 
 def _extrapolation(ctx, y_grad):
     """-(lr * (grad f(y) + momentum * buf + wd * x)) per selected parameter (the official y step)."""
-    opt = ctx.trainer.optimizer
+    opt = ctx.optimizer
     inner = opt
     while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
         inner = inner.optimizer
@@ -136,4 +136,4 @@ def sampa(ctx):
         st[Y_GRAD], st[INPUTS], st[STEP] = st.pop(NEXT_Y), st.pop(NEXT_INPUTS), step
 
 
-register("sampa", paper=SAMPA_PAPER)(sampa)
+register("sampa", trainer_only=True, paper=SAMPA_PAPER)(sampa)

@@ -101,7 +101,7 @@ def _fisher(ctx, params):
 
 
 def _refresh_due(ctx):
-    state, step = ctx.state, ctx.trainer.state.global_step
+    state, step = ctx.state, ctx.global_step
     return state.get("ssam_mask") is None or (step % ctx.config.ssam_update_interval == 0
                                               and state.get("ssam_step") != step)
 
@@ -159,7 +159,7 @@ def ssam(ctx):
         for i, m in zip(idx, new_mask):
             state["ssam_mask"][i] = m
     if refresh:
-        state["ssam_step"] = ctx.trainer.state.global_step
+        state["ssam_step"] = ctx.global_step
     mask = state["ssam_mask"]
     e = ctx.ascent(g, inplace=True)                            # rho * g / ||g|| (norm of the unmasked g)
     on = [i for i in idx if e[i] is not None and mask[i] is not None]
@@ -172,4 +172,4 @@ def ssam(ctx):
     ctx.grad(at=e, final=True, release=True)                   # descent at w + e
 
 
-register("ssam", paper=PAPER)(ssam)
+register("ssam", trainer_only=True, paper=PAPER)(ssam)

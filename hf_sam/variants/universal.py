@@ -238,6 +238,6 @@ def tracesam(ctx):
     _universal(ctx, "tracesam")
 
 
-register("frobsam", passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"))(frobsam)
-register("detsam", passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"))(detsam)
-register("tracesam", passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"))(tracesam)
+register("frobsam", trainer_only=True, passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"))(frobsam)
+register("detsam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"))(detsam)
+register("tracesam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"))(tracesam)
