@@ -81,7 +81,8 @@ def check(trainer):
             f"{asked} was requested (TrainingArguments or accelerate config) but accelerate set up "
             f"{trainer.accelerator.distributed_type} instead: on a CPU (use_cpu=True) accelerate does not shard, so "
             f"this run would silently train replicated copies (DDP) with DDP's memory. hf_sam stops here. "
-            f"Remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` to train with DDP on purpose, or run on GPUs.")
+            f"To train with DDP on purpose remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` from the "
+            f"arguments (accelerate launch: use configs/accelerate/multi_cpu.yaml); to shard, run on GPUs.")
     if k == "deepspeed":
         raise ValueError(
             "hf_sam does not support DeepSpeed yet: accelerate runs the DeepSpeed engine's step inside the "

@@ -18,7 +18,7 @@ from hf_sam.cards import _ascent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAUNCHES = {
-    "core": ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "asam_global_1", "asam_local_1"],
+    "core": ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1", "asam_local_1"],
     "variants": ["gsam_global_1", "looksam_global_1", "fsam_global_1", "fsam_local_1", "resume"],
 }
 
@@ -58,7 +58,7 @@ def test_global_ascent_is_the_default_and_exact_for_ga_1_and_2(core):
 
 
 def test_per_device_ascent_is_exact_and_differs_from_global(core):
-    for name in ("sam_local_1", "asam_local_1"):
+    for name in ("sam_local_1", "sam_local_2", "asam_local_1"):
         r = core[name]
         assert r["sync_ascent"] is False
         assert r["dev_vs_local"] <= 1e-5, (name, r)
