@@ -60,6 +60,9 @@ def kind(trainer):
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp1"
+    model = getattr(trainer, "model", None)
+    if model is not None and _fsdp_modules(model):  # sharded with fully_shard before the Trainer saw it
+        return "fsdp2"
     return None
 
 

@@ -87,12 +87,13 @@ def model():
 
 def train(out, steps, ga, resume=None, save_steps=None, **sam):
     init = model()
-    kw = dict(gradient_accumulation_steps=ga, max_steps=steps, per_device_train_batch_size=PER,
+    kw = dict(gradient_accumulation_steps=ga, max_steps=steps, per_device_train_batch_size=PER, learning_rate=LR,
               fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
                                               "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
     if save_steps:
         kw.update(save_strategy="steps", save_steps=save_steps)
-    tr = ForcedFSDP2(model=copy.deepcopy(init), args=tiny.args(out, **kw, **sam), train_dataset=Ids(2 * PER * ga * 8))
+    kw.update(sam)
+    tr = ForcedFSDP2(model=copy.deepcopy(init), args=tiny.args(out, **kw), train_dataset=Ids(2 * PER * ga * 8))
     tr.seen, tr.collectives = [], []
     tr.train(resume_from_checkpoint=resume)
     gathered = [None] * dist.get_world_size()
@@ -217,6 +218,13 @@ def check(name, out):
         res["ckpt_files"] = sorted(os.listdir(os.path.join(out, "part", "checkpoint-2")))
         res["first_run_moved"] = max((full(p) - full(q)).abs().max().item() for p, q in
                                      zip(first.model.parameters(), full_run.model.parameters()))
+        return res
+    if name == "restored":  # learning rate 0: after the SAM steps the weights must be w, bit for bit
+        for sync in (True, False):
+            init, tr, _ = train(os.path.join(out, f"restored{int(sync)}"), 2, 1, learning_rate=0.0,
+                                sam_sync_ascent=sync)
+            res[f"sync{int(sync)}_bitwise_equal"] = all(torch.equal(full(p), q.detach()) for p, q in
+                                                        zip(tr.model.parameters(), init.parameters()))
         return res
     if name == "cpu_asked_fsdp":  # no forcing: on a CPU accelerate sets up DDP although FSDP was asked for
         try:

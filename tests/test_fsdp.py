@@ -1,7 +1,7 @@
 """SAMTrainer on FSDP2: two gloo processes on the CPU (tests/fsdp_worker.py), and the refusals.
 
-Each launch of the worker runs several trainers (one process pair, ~15-25 s); the references are
-single-process plain-torch implementations of the variants' equations (in the worker).
+One launch of the worker runs every trainer below in one process pair (~40 s on two busy cores); the
+references are single-process plain-torch implementations of the variants' equations (in the worker).
 """
 
 import json
@@ -17,10 +17,10 @@ from hf_sam import SAMConfig, sharded
 from hf_sam.cards import _ascent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LAUNCHES = {
-    "core": ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1", "asam_local_1"],
-    "variants": ["gsam_global_1", "looksam_global_1", "fsam_global_1", "fsam_local_1", "resume"],
-}
+# one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
+CHECKS = ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
+          "asam_local_1", "gsam_global_1", "looksam_global_1", "fsam_global_1", "fsam_local_1", "resume",
+          "restored"]
 
 
 def _launch(out, names, port):
@@ -29,69 +29,71 @@ def _launch(out, names, port):
            os.path.join(HERE, "fsdp_worker.py"), str(out), *names]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = {}
-    for name in names:
-        res = json.load(open(out / f"fsdp_{name}.json"))
+    return {name: json.load(open(out / f"fsdp_{name}.json")) for name in names}
+
+
+class Results(dict):
+    def __getitem__(self, name):
+        res = super().__getitem__(name)
         assert "error" not in res, f"{name}: {res.get('error')}\n{res.get('trace')}"
-        results[name] = res
-    return results
+        return res
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("fsdp_core"), LAUNCHES["core"], 29621)
+def results(tmp_path_factory):
+    return Results(_launch(tmp_path_factory.mktemp("fsdp"), CHECKS, 29621))
 
 
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("fsdp_variants"), LAUNCHES["variants"], 29623)
-
-
-def test_global_ascent_is_the_default_and_exact_for_ga_1_and_2(core):
+def test_global_ascent_is_the_default_and_exact_for_ga_1_and_2(results):
     for name in ("sam_global_1", "sam_global_2"):
-        r = core[name]
+        r = results[name]
         assert r["sync_ascent"] is True  # sync_ascent left unset: global ascent under FSDP
         assert r["dev_vs_global"] <= 1e-5, (name, r)
         assert r["dev_vs_local"] > 1e-3, (name, r)  # the test tells the two modes apart
         assert r["sharded"] and r["wte_local_rows"] == 51  # vocabulary 101 over 2 ranks: 51 + 50 rows
-    assert core["sam_global_2"]["distinct_micro_batches"] == 12  # 3 steps x 2 micro-batches x 2 ranks
+    assert results["sam_global_2"]["distinct_micro_batches"] == 12  # 3 steps x 2 micro-batches x 2 ranks
 
 
-def test_per_device_ascent_is_exact_and_differs_from_global(core):
+def test_per_device_ascent_is_exact_and_differs_from_global(results):
     for name in ("sam_local_1", "sam_local_2", "asam_local_1"):
-        r = core[name]
+        r = results[name]
         assert r["sync_ascent"] is False
         assert r["dev_vs_local"] <= 1e-5, (name, r)
         assert r["dev_vs_global"] > 1e-3, (name, r)
         assert r["sharded"]
 
 
-def test_collectives_per_micro_batch(core):
-    glob, local = core["sam_global_1"]["collectives_per_micro_batch"][0], core["sam_local_1"]["collectives_per_micro_batch"][0]
+def test_collectives_per_micro_batch(results):
+    glob = results["sam_global_1"]["collectives_per_micro_batch"][0]
+    local = results["sam_local_1"]["collectives_per_micro_batch"][0]
     # per-device ascent: the descent pass reuses the parameters the clean pass gathered
     assert glob["all_gather"] == 2 * local["all_gather"] and glob["reduce_scatter"] == 2 * local["reduce_scatter"]
     assert local["all_reduce"] == 0
     assert glob["all_reduce"] == 2  # the ascent norm and the perturbation-norm metric: one scalar each
 
 
-def test_asam_under_fsdp(core):
-    assert core["asam_global_1"]["dev_vs_global"] <= 1e-5
+def test_weights_come_back_bit_for_bit(results):
+    assert results["restored"] == {"sync1_bitwise_equal": True, "sync0_bitwise_equal": True}
 
 
-def test_fsdp_requested_on_cpu_is_refused(core):
-    assert "accelerate set up" in core["cpu_asked_fsdp"]["refused"]
-    assert "FSDP was requested" in core["cpu_asked_fsdp"]["refused"]
+def test_asam_under_fsdp(results):
+    assert results["asam_global_1"]["dev_vs_global"] <= 1e-5
 
 
-def test_gsam_looksam_fsam_under_fsdp(variants):
+def test_fsdp_requested_on_cpu_is_refused(results):
+    assert "accelerate set up" in results["cpu_asked_fsdp"]["refused"]
+    assert "FSDP was requested" in results["cpu_asked_fsdp"]["refused"]
+
+
+def test_gsam_looksam_fsam_under_fsdp(results):
     for name in ("gsam_global_1", "looksam_global_1", "fsam_global_1"):
-        assert variants[name]["dev_vs_global"] <= 1e-5, (name, variants[name])
-    assert variants["fsam_local_1"]["dev_vs_local"] <= 1e-5
-    assert variants["fsam_local_1"]["dev_vs_global"] > 1e-3
+        assert results[name]["dev_vs_global"] <= 1e-5, (name, results[name])
+    assert results["fsam_local_1"]["dev_vs_local"] <= 1e-5
+    assert results["fsam_local_1"]["dev_vs_global"] > 1e-3
 
 
-def test_resume_equals_uninterrupted_run(variants):
-    r = variants["resume"]
+def test_resume_equals_uninterrupted_run(results):
+    r = results["resume"]
     assert r["resume_vs_uninterrupted"] <= 1e-6
     assert r["first_run_moved"] > 1e-4  # the 2-step run stopped elsewhere: the resume did the work
     assert {"sam_state_rank0.pt", "sam_state_rank1.pt", "pytorch_model_fsdp_0"} <= set(r["ckpt_files"])
