@@ -39,6 +39,8 @@ FSDP_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
 # Per-device ascent keeps the unsharded parameters between the passes; tested for the variants whose
 # step is clean pass -> ascent -> descent pass at w + e (no explicit descent gradient).
 FSDP_PER_DEVICE_VARIANTS = ("sam", "asam", "fsam")
+# DeepSpeed ZeRO-1/2, both ascent modes (tests/test_deepspeed.py).
+DEEPSPEED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
 
 
 class Sharding:
@@ -87,11 +89,20 @@ def check(trainer):
             f"To train with DDP on purpose remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` from the "
             f"arguments (accelerate launch: use configs/accelerate/multi_cpu.yaml); to shard, run on GPUs.")
     if k == "deepspeed":
-        raise ValueError(
-            "hf_sam does not support DeepSpeed yet: accelerate runs the DeepSpeed engine's step inside the "
-            "backward of the last micro-batch, and the Trainer's DeepSpeed path cannot be exercised on a CPU to "
-            "test SAM's restore before it. Use FSDP2 (fsdp_config={'fsdp_version': 2}, "
-            "configs/accelerate/fsdp.yaml) or DDP.")
+        cfg = _deepspeed_config(trainer)
+        zero = cfg.get("zero_optimization", {}) or {}
+        stage = int(zero.get("stage", 0) or 0)
+        if stage not in (1, 2):
+            raise ValueError(f"hf_sam supports DeepSpeed ZeRO stages 1 and 2 (got stage {stage}): ZeRO-3 partitions "
+                             "the parameters, which the ascent would have to gather and perturb. Use FSDP2 "
+                             "(configs/accelerate/fsdp.yaml) to shard the parameters.")
+        offload = [key for key in ("offload_optimizer", "offload_param")
+                   if str((zero.get(key) or {}).get("device", "none")).lower() != "none"]
+        if offload:
+            raise ValueError(f"hf_sam does not support DeepSpeed {' and '.join(offload)} (untested); remove it.")
+        if (cfg.get("fp16", {}) or {}).get("enabled") in (True, "true"):
+            raise ValueError("hf_sam does not support DeepSpeed fp16 (its loss scaler owns the backward); use bf16 "
+                             "or fp32.")
     if k == "fsdp1":
         raise ValueError(
             "hf_sam supports FSDP2 only: FSDP1 flattens the parameters into one sharded buffer, which the "
@@ -99,11 +110,24 @@ def check(trainer):
             "fsdp_version: 2 in the accelerate config).")
 
 
+def _deepspeed_config(trainer):
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None) or {}
+
+
 def setup(trainer, config):
     """`config` for this trainer: refusals per variant under FSDP2, sync_ascent=None (auto) resolved."""
     import dataclasses
 
-    if kind(trainer) != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
+    k = kind(trainer)
+    if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
+        if config.variant not in DEEPSPEED_VARIANTS:
+            raise ValueError(
+                f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
+                f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
+        trainer._sam_sharding = Sharding("deepspeed")
+        return config
+    if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         trainer._sam_sharding = None
         return config
     auto = config.sync_ascent is None
@@ -173,8 +197,11 @@ def active(ctx):
 
 def pass_context(ctx, sync, final):
     """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
-    if not active(ctx):
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    if sharding is None:
         return nullcontext() if sync or final else ctx.no_sync()
+    if sharding.kind == "deepspeed":
+        return _deepspeed_pass(ctx, sync, final)
     return _fsdp_pass(ctx, sync, final)
 
 
@@ -252,6 +279,85 @@ def release(ctx):
 def grads_are_global(ctx):
     """Whether set_final's descent gradient is already the global mean (FSDP global ascent)."""
     return active(ctx)
+
+
+# ---- DeepSpeed ZeRO-1/2 mechanics -------------------------------------------------------------------
+# The module's parameters are full and replicated; the engine's optimizer holds flat fp32 partitions,
+# and its backward sends the gradients into them through hooks on the parameters (p.grad stays None).
+def trainable(trainer):
+    """The parameters the variants work on: the module's under DeepSpeed (the optimizer's are flat), else None."""
+    sharding = getattr(trainer, "_sam_sharding", None)
+    if sharding is None or sharding.kind != "deepspeed":
+        return None
+    from .step import unique_trainable
+
+    return unique_trainable([{"params": list(trainer.model.parameters())}])
+
+
+def _engine(ctx):
+    return ctx.trainer.accelerator.deepspeed_engine_wrapped.engine
+
+
+@contextmanager
+def _deepspeed_pass(ctx, sync, final):
+    acc, engine = ctx.trainer.accelerator, _engine(ctx)
+    if final:
+        # accelerate runs engine.step() inside accelerator.backward on the last micro-batch: put w back
+        # first, so the step starts from w (its fp32 master copy never moved) and nothing is restored after.
+        real_step = engine.step
+
+        def step(*args, **kwargs):
+            ctx._position(None)
+            return real_step(*args, **kwargs)
+
+        engine.step = step
+        try:
+            yield
+        finally:
+            del engine.step
+        return
+    # a temporary pass: the same forward and loss on detached leaves that share the parameters' storage
+    # (so they see w + e), and a plain backward into the leaves: ZeRO's hooks do not fire, nothing is
+    # reduced, and the engine's gradient buffers and step counters stay as they were.
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    module = engine.module
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    leaves = {n: p.detach().requires_grad_() for n, p in named}
+    acc.backward = lambda loss, **kwargs: loss.backward()
+    vars(engine)["forward"] = module  # the module itself: the engine's forward hooks its outputs for its backward
+    try:
+        with _reparametrize_module(module, leaves, tie_weights=True):
+            yield
+    finally:
+        del acc.backward
+        vars(engine).pop("forward")
+    leaf_of = {id(p): leaves[n] for n, p in named}
+    grads = [leaf_of[id(p)].grad if id(p) in leaf_of else None for p in ctx.params]
+    if sync and ctx.num_processes > 1:  # global ascent: the mean over processes, one all-reduce
+        present = [g for g in grads if g is not None]
+        flat = torch.cat([g.reshape(-1) for g in present])
+        torch.distributed.all_reduce(flat)
+        flat.div_(ctx.num_processes)
+        for g, x in zip(present, flat.split([g.numel() for g in present])):
+            g.copy_(x.view_as(g))
+    for p, g in zip(ctx.params, grads):
+        p.grad = g  # read and cleared by the step right after this pass
+
+
+def descend_with(ctx, d):
+    """DeepSpeed: finish the micro-batch with the descent gradient d; False elsewhere (the step does it).
+
+    The gradient goes through the engine like any other: a backward of sum_i <p_i, d_i> (whose gradient
+    is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the last micro-batch.
+    """
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    if sharding is None or sharding.kind != "deepspeed":
+        return False
+    pairs = [(p, x) for p, x in zip(ctx.params, d) if x is not None]
+    surrogate = sum((p * x.detach().to(p.dtype)).sum() for p, x in pairs)
+    ctx.trainer.accelerator.backward(surrogate, scale_wrt_gas=False)
+    return True
 
 
 # ---- checkpoints: the variants' state holds DTensors under FSDP ---------------------------------------

@@ -251,6 +251,9 @@ class StepContext:
         if self._guard_allowed(communicates=False):
             self._drop_nonfinite(d, self.last_loss)
         self._unstash()
+        if sharded.descend_with(self, d):  # DeepSpeed: d goes through the engine's backward and step
+            self.final_done = True
+            return
         with torch.no_grad():
             add_to = [(p, x) for p, x in zip(self.params, d) if x is not None and p.grad is not None]
             if add_to:

@@ -359,7 +359,8 @@ class SAMMixin:
     def _sam_selection(self):
         run, opt = self._sam, self.optimizer
         if run.selection is None or run.selection_owner is not opt:
-            run.selection = build_selection(self.model, unique_trainable(opt.param_groups), self.sam_config)
+            params = sharded.trainable(self) or unique_trainable(opt.param_groups)  # DeepSpeed: the module's
+            run.selection = build_selection(self.model, params, self.sam_config)
             run.selection_owner = opt
         return run.selection
 

@@ -1,0 +1,79 @@
+"""Run by test_deepspeed.py under `torchrun --nproc_per_node 2` with DS_ACCELERATOR=cpu (gloo).
+
+    python ds_worker.py OUT_DIR CHECK [CHECK ...]      CHECK = <variant>_<global|local>_<GA>_z<stage>
+
+SAMTrainer on DeepSpeed ZeRO-1/2 through the Trainer's own DeepSpeed path (no forcing: with
+DS_ACCELERATOR=cpu accelerate sets DeepSpeed up on a CPU). The weights are compared with the
+single-process references of fsdp_worker.py. Rank 0 writes OUT_DIR/ds_<CHECK>.json per check.
+"""
+
+import copy
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny  # noqa: E402
+import importlib.util as _u
+if os.environ.get("DBG_HOOK"):
+    exec(open("/tmp/dsprobe/dbg_hook.py").read())
+from fsdp_worker import PER, VARIANT_CFG, Ids, deviation, model, reference  # noqa: E402
+
+
+class Recording(tiny.InOrderSAMTrainer):
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        self.seen.append(inputs["input_ids"].tolist())
+        return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+
+
+def check(name, out):
+    variant, mode, ga, stage = name.split("_")
+    ga, stage = int(ga), int(stage[1:])
+    cfg = {"sam_rho": 0.5, **VARIANT_CFG[variant]}
+    sam = dict(cfg)
+    if mode == "global":
+        sam["sam_sync_ascent"] = True  # per-device: left unset, the default under DeepSpeed
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+          "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage}}
+    init = model()
+    tr = Recording(model=copy.deepcopy(init), train_dataset=Ids(2 * PER * ga * 8),
+                   args=tiny.args(os.path.join(out, name), gradient_accumulation_steps=ga, per_device_train_batch_size=PER,
+                                  deepspeed=ds, **sam))
+    tr.seen = []
+    tr.train()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, tr.seen)
+    res = {"engine": type(tr.model_wrapped).__name__, "zero_stage": tr.model_wrapped.zero_optimization_stage(),
+           "sync_ascent": tr.sam_config.sync_ascent}
+    for ref_mode in ("global", "local"):
+        if variant in ("sam", "fsam") or ref_mode == mode:
+            res[f"dev_vs_{ref_mode}"] = deviation(tr, reference(init, seen, ga, ref_mode, variant, cfg))
+    res["distinct_micro_batches"] = len({json.dumps(mb) for r in seen for mb in r})
+    return res
+
+
+def main():
+    out, names = sys.argv[1], sys.argv[2:]
+    for name in names:
+        try:
+            res = check(name, out)
+        except Exception as err:  # reported, so the test shows what failed
+            import traceback
+
+            res = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+        if dist.get_rank() == 0:
+            with open(os.path.join(out, f"ds_{name}.json"), "w") as f:
+                json.dump(res, f)
+            print("RESULT", name, json.dumps(res), flush=True)
+    dist.barrier()
+    os._exit(0)  # gloo sometimes aborts in the interpreter's teardown (see ddp_worker.py)
+
+
+if __name__ == "__main__":
+    main()
