@@ -1,4 +1,5 @@
-"""SAMTrainer on FSDP2: two gloo processes on the CPU (tests/fsdp_worker.py), and the refusals.
+"""SAMTrainer on FSDP2: two gloo processes on the CPU (tests/fsdp_worker.py); set-up checks and
+refusals for FSDP and DeepSpeed (no processes).
 
 One launch of the worker runs every trainer below in one process pair (~40 s on two busy cores); the
 references are single-process plain-torch implementations of the variants' equations (in the worker).
@@ -102,8 +103,9 @@ def test_resume_equals_uninterrupted_run(results):
 # ---- set-up checks without processes ---------------------------------------------------------------
 def _fake(kind=None, version=2, variant="sam", sync=None, fsdp=False, deepspeed=None, processes=2):
     plugin = SimpleNamespace(fsdp_version=version) if kind == "fsdp" else None
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), num_processes=processes,
-                          distributed_type="MULTI_CPU")
+    ds_plugin = SimpleNamespace(deepspeed_config=deepspeed) if kind == "deepspeed" else None
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=ds_plugin),
+                          num_processes=processes, distributed_type="MULTI_CPU")
     return SimpleNamespace(is_deepspeed_enabled=kind == "deepspeed", is_fsdp_enabled=kind == "fsdp",
                            accelerator=acc, args=SimpleNamespace(fsdp=fsdp, deepspeed=deepspeed),
                            sam_config=SAMConfig(variant=variant, sync_ascent=sync))
@@ -120,8 +122,17 @@ def test_refusals_name_the_fix(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         sharded.setup(*_setup_args("fsdp", version=1, fsdp=True))
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        sharded.setup(*_setup_args("deepspeed", deepspeed={"zero_optimization": {"stage": 2}}))
+    zero2 = {"zero_optimization": {"stage": 2}}
+    assert sharded.setup(*_setup_args("deepspeed", deepspeed=zero2)).sync_ascent is None  # per-device, as DDP
+    with pytest.raises(ValueError, match="ZeRO stages 1 and 2 .got stage 3"):
+        sharded.setup(*_setup_args("deepspeed", deepspeed={"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        sharded.setup(*_setup_args("deepspeed", deepspeed={"zero_optimization": {
+            "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ValueError, match="fp16"):
+        sharded.setup(*_setup_args("deepspeed", deepspeed={**zero2, "fp16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="'msam' is not supported under DeepSpeed"):
+        sharded.setup(*_setup_args("deepspeed", variant="msam", deepspeed=zero2))
     with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
         sharded.setup(*_setup_args("fsdp", variant="esam", fsdp=True))
     with pytest.raises(ValueError, match="'gsam' with per-device ascent.*sync_ascent=True"):
