@@ -69,7 +69,7 @@ def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.T
 
 
 def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (sharded: one scalar all-reduce)."""
+    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; sharded: one scalar all-reduce)."""
     if not a:
         return torch.zeros((), dtype=torch.float32)
     dots = [torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(local(a), local(b))]

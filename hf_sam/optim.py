@@ -106,13 +106,15 @@ class SAM(torch.optim.Optimizer):
         if not isinstance(config, SAMConfig):
             raise TypeError(f"config must be a hf_sam.SAMConfig, got {type(config).__name__}")
         variant = get_variant(config.variant)
-        if variant.trainer_only or variant.on_setup is not None or variant.hooks:
+        if variant.trainer_only or variant.hooks or (variant.on_setup is not None and variant.check_optimizer is None):
             raise ValueError(f"variant={config.variant!r} needs the Trainer (its dataset, loss hooks or callbacks) "
                              "and cannot run in hf_sam.SAM; use SAMTrainer, or another variant.")
         if config.rho_scaling != "none" and model is None:
             raise ValueError(f"rho_scaling={config.rho_scaling!r} reads the model's layers: pass model=.")
         if (config.start > 0 or config.end < 1) and not max_steps:
             raise ValueError(f"start={config.start}/end={config.end} are fractions of training: pass max_steps=.")
+        if variant.check_optimizer is not None:
+            variant.check_optimizer(base_optimizer)
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self.param_groups = base_optimizer.param_groups  # one set of groups: LR schedules act on both
         self.state = base_optimizer.state

@@ -147,6 +147,8 @@ class StepContext:
         self.last_loss = None
         self.final_done = False
         self._kept = False  # a pass whose host bookkeeping is kept has run (the first at w)
+        self._clean_grads = None  # the list returned by the first pass at w
+        self._clean_grad_ok = None  # device bool: that gradient was finite (set by ascent)
         self._stash = None
         self._saved = None  # exact copies of the selected parameters, taken on the first move
         self._saved_idx = None
@@ -230,9 +232,9 @@ class StepContext:
             return loss
         self._stash_grads()
         loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook, keep=at is None and not self._kept)
-        if at is None:
-            self._kept = True
         grads = [p.grad for p in self.params]
+        if at is None and not self._kept:
+            self._kept, self._clean_grads = True, grads
         for p in self.params:
             p.grad = None
         self._record_loss(loss, at)
@@ -292,6 +294,9 @@ class StepContext:
         s = [sel.s[i] for i in idx] if sel.s is not None else None
         q = [sel.q[i] for i in idx] if sel.q is not None else None
         grad_norm = ops.global_norm(gs)
+        if g is self._clean_grads:
+            self._clean_grad_ok = torch.isfinite(grad_norm)
+        self._clean_grads = None  # hold no reference: the variant may free g (release=True)
         e = gs if inplace else ops.snapshot(gs)
         if self.config.effective_adaptive:
             t = ops.adaptive_weights(ws, [self.names[i] for i in idx], self.config.eta)
@@ -332,6 +337,7 @@ class StepContext:
 
     # ---- mechanics -----------------------------------------------------------------------------
     def _run_pass(self, sync, loss_hook=None, keep=True, final=False):
+        self._clean_grads = None
         if self.passes == 0:
             self._save_rng()
         else:
@@ -367,6 +373,8 @@ class StepContext:
             bad = bad | ~torch.isfinite(loss.detach().float().sum())
         if self.clean_loss is not None:
             bad = bad & torch.isfinite(self.clean_loss.detach().float().sum())
+        if self._clean_grad_ok is not None:
+            bad = bad & self._clean_grad_ok
         ops.zero_where_(present, bad)
         self.metrics.add("skipped", bad.float())
 

@@ -299,7 +299,7 @@ class SAMMixin:
             for key, value in overrides.items():
                 if hasattr(self.args, PREFIX + key):
                     setattr(self.args, PREFIX + key, value)
-            self._sam_configure(dataclasses.replace(base, **overrides))
+            self._sam_configure(base.replace(**overrides))
         self._sam.fresh()
 
     # ---- the step ------------------------------------------------------------------------------

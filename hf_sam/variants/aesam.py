@@ -69,11 +69,11 @@ def aesam(ctx):
     g = ctx.grad()                                            # clean pass at w (always needed)
     gs = [x for x, s in zip(g, ctx.selection.selected) if x is not None and s]
     sq = (ops.global_norm(gs) * ctx.grad_unit()) ** 2 if gs else torch.zeros(())
-    acc = ctx.trainer.accelerator
-    if acc.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        sq = sq.to(acc.device).clone()
-        torch.distributed.all_reduce(sq)
-        sq = sq / acc.num_processes
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sq = sq.to(ctx.params[0].device).clone()             # NCCL reduces device tensors
+        dist.all_reduce(sq)
+        sq = sq / dist.get_world_size()
     if not decide(ctx, float(sq)):                            # same decision on every process
         ctx.set_final(g)                                      # plain step with the clean gradient
         return
@@ -82,4 +82,4 @@ def aesam(ctx):
     ctx.grad(at=e, final=True, release=True)                  # SAM: descent at w + e
 
 
-register("aesam", trainer_only=True, passes=2, paper=AESAM_PAPER)(aesam)
+register("aesam", passes=2, paper=AESAM_PAPER)(aesam)

@@ -168,8 +168,7 @@ def use_average(trainer):
     bns = _batchnorms(trainer.model)
     bn_buffers = [t for m in bns for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
     bn_saved = ops.snapshot(bn_buffers)
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = ops.rng_state()  # the BatchNorm pass must not move the training RNG
     try:
         with torch.no_grad():
             for p, a in zip(params, st[AVG]):
@@ -180,9 +179,7 @@ def use_average(trainer):
     finally:
         ops.restore_(params, saved)
         ops.restore_(bn_buffers, bn_saved)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        ops.set_rng_state(rng)
 
 
 @contextmanager
