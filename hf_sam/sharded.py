@@ -1,27 +1,36 @@
-"""Sharded data parallelism for SAMTrainer: FSDP2 (exact, both ascent modes) and the refusals.
+"""Sharded data parallelism for SAMTrainer: FSDP2 and DeepSpeed ZeRO-1/2 (exact, both ascent modes).
 
 What sharding changes in a SAM step (the variants do not see it; hf_sam.ops takes DTensors):
 
+FSDP2
 - Global ascent (`sync_ascent=True`, the default under FSDP): every pass reduce-scatters, so the
   sharded gradients of the clean pass are the global-batch mean. The norm is one fp32 scalar
   all-reduce of the local shards' squared norms (ops.global_norm); e is added to the local shards in
   place and the weights come back by copy from a snapshot of the local shards. Each group is
-  resharded before a pass, so the forward all-gathers the current shards. Memory: one extra
-  sharded copy (the snapshot), like plain SAM. Collectives per step: twice the stock all-gathers and
-  reduce-scatters, plus one scalar all-reduce.
+  resharded before a pass, so the forward all-gathers the current shards (after a forward without
+  backward the root group stays unsharded and would not see in-place shard edits).
 - Per-device ascent (`sync_ascent=False`, the SAM paper's m = per-device batch): the clean pass runs
   with `set_requires_gradient_sync(False)` and `set_reshard_after_backward(False)`, so each device
-  keeps the full (unsharded) parameters and its own full gradient. e is computed from that gradient
-  and added to the unsharded parameters; the descent pass runs without resharding after forward
-  (nothing is all-gathered again), reduce-scatters g(w + e_r) and reshards, which drops w + e_r.
-  The shards never move. Memory: DDP-level during the step (full parameters, full gradient and a
-  full snapshot). Collectives: the stock step's.
+  keeps the full (unsharded) parameters and its own full gradient; the step works on those
+  (ctx.params) until the descent pass, which runs without resharding after forward (nothing is
+  all-gathered again), reduce-scatters g(w + e_r) and reshards, dropping w + e_r. The shards never
+  move. Memory: DDP-level during the step.
 - Gradient accumulation: the Trainer's `no_sync` on non-final micro-batches would keep the clean
   pass's gradient unsharded and mix it into the next reduce-scatter. Each SAM pass sets the gradient
   sync itself (sync_each_batch semantics): one reduce-scatter per pass and micro-batch.
 
-Refused with a message: FSDP1 (set fsdp_version 2), DeepSpeed, variants not listed below, HSDP, and
-a run that asked for FSDP or DeepSpeed but was set up without it (accelerate does not shard on a CPU).
+DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partitioned)
+- A temporary pass runs the stock loss on detached leaves that share the parameters' storage, with
+  a plain backward into them: ZeRO's gradient hooks and the engine's backward epilogue never run.
+  Global ascent all-reduces that gradient (one flat all-reduce).
+- The descent pass is the stock one; accelerate calls `engine.step()` inside its backward on the
+  last micro-batch, so the weights are put back at w just before that step.
+- An explicit descent gradient d (set_final: GSAM, LookSAM) goes through the engine as the backward
+  of sum_i <p_i, d_i>.
+
+Refused with a message: FSDP1 (set fsdp_version 2), HSDP, ZeRO-3, DeepSpeed offload and fp16, the
+variants not listed below, and a run that asked for FSDP or DeepSpeed but was set up without it
+(accelerate does not shard on a CPU).
 """
 
 import logging
@@ -191,10 +200,6 @@ def _state(ctx):
     return st
 
 
-def active(ctx):
-    return getattr(ctx.trainer, "_sam_sharding", None) is not None  # trainer is None for hf_sam.SAM
-
-
 def pass_context(ctx, sync, final):
     """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
     sharding = getattr(ctx.trainer, "_sam_sharding", None)
@@ -277,8 +282,9 @@ def release(ctx):
 
 
 def grads_are_global(ctx):
-    """Whether set_final's descent gradient is already the global mean (FSDP global ascent)."""
-    return active(ctx)
+    """Whether set_final's descent gradient is already the global mean (FSDP: every pass reduce-scatters)."""
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    return sharding is not None and sharding.kind == "fsdp2"
 
 
 # ---- DeepSpeed ZeRO-1/2 mechanics -------------------------------------------------------------------
@@ -299,6 +305,22 @@ def _engine(ctx):
 
 
 @contextmanager
+def _patched(obj, name, value):
+    """obj.<name> is `value` inside the block (an instance attribute; what was there before comes back)."""
+    attrs = vars(obj)  # not setattr: nn.Module.__setattr__ would register a module value as a submodule
+    missing = object()
+    before = attrs.get(name, missing)
+    attrs[name] = value
+    try:
+        yield
+    finally:
+        if before is missing:
+            attrs.pop(name, None)
+        else:
+            attrs[name] = before
+
+
+@contextmanager
 def _deepspeed_pass(ctx, sync, final):
     acc, engine = ctx.trainer.accelerator, _engine(ctx)
     if final:
@@ -310,11 +332,8 @@ def _deepspeed_pass(ctx, sync, final):
             ctx._position(None)
             return real_step(*args, **kwargs)
 
-        engine.step = step
-        try:
+        with _patched(engine, "step", step):
             yield
-        finally:
-            del engine.step
         return
     # a temporary pass: the same forward and loss on detached leaves that share the parameters' storage
     # (so they see w + e), and a plain backward into the leaves: ZeRO's hooks do not fire, nothing is
@@ -324,14 +343,10 @@ def _deepspeed_pass(ctx, sync, final):
     module = engine.module
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     leaves = {n: p.detach().requires_grad_() for n, p in named}
-    acc.backward = lambda loss, **kwargs: loss.backward()
-    vars(engine)["forward"] = module  # the module itself: the engine's forward hooks its outputs for its backward
-    try:
-        with _reparametrize_module(module, leaves, tie_weights=True):
-            yield
-    finally:
-        del acc.backward
-        vars(engine).pop("forward")
+    # the engine's own forward would hook its outputs to run DeepSpeed's backward epilogue: call the module
+    with _patched(acc, "backward", lambda loss, **kwargs: loss.backward()), _patched(engine, "forward", module), \
+            _reparametrize_module(module, leaves, tie_weights=True):
+        yield
     leaf_of = {id(p): leaves[n] for n, p in named}
     grads = [leaf_of[id(p)].grad if id(p) in leaf_of else None for p in ctx.params]
     if sync and ctx.num_processes > 1:  # global ascent: the mean over processes, one all-reduce
