@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
-from fsdp_worker import PER, VARIANT_CFG, Ids, deviation, model, reference  # noqa: E402
+from fsdp_worker import PER, VARIANT_CFG, Ids, deviation, model, reference, run_checks  # noqa: E402
 
 
 class Recording(tiny.InOrderSAMTrainer):
@@ -77,22 +77,5 @@ def check(name, out):
     return res
 
 
-def main():
-    out, names = sys.argv[1], sys.argv[2:]
-    for name in names:
-        try:
-            res = check(name, out)
-        except Exception as err:  # reported, so the test shows what failed
-            import traceback
-
-            res = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
-        if dist.get_rank() == 0:
-            with open(os.path.join(out, f"ds_{name}.json"), "w") as f:
-                json.dump(res, f)
-            print("RESULT", name, json.dumps(res), flush=True)
-    dist.barrier()
-    os._exit(0)  # gloo sometimes aborts in the interpreter's teardown (see ddp_worker.py)
-
-
 if __name__ == "__main__":
-    main()
+    run_checks(check, "ds")

@@ -21,31 +21,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 import tiny  # noqa: E402
+from bench_collectives import COUNTS, force_fsdp2, install_counters  # noqa: E402
 
 VOCAB, SEQ, PER, LR = 101, 16, 4, 0.1
 SCALE = (SEQ - 1) / SEQ  # the Trainer's GPT-2 loss: num_items_in_batch counts the unshifted labels
-
-# ---- collectives, counted where FSDP2 and hf_sam call them ------------------------------------------
-COUNTS = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-
-
-def _count(name, key):
-    fn = getattr(dist, name)
-
-    def wrapper(*a, **k):
-        COUNTS[key] += 1
-        return fn(*a, **k)
-
-    setattr(dist, name, wrapper)
-
-
-for _name, _key in (("all_gather_single", "all_gather"), ("all_gather_into_tensor", "all_gather"),
-                    ("reduce_scatter_single", "reduce_scatter"), ("reduce_scatter_tensor", "reduce_scatter"),
-                    ("all_reduce", "all_reduce")):
-    _count(_name, _key)
-
 
 class Ids(Dataset):
     def __init__(self, n):
@@ -62,15 +45,7 @@ class Ids(Dataset):
 class ForcedFSDP2(tiny.InOrderSAMTrainer):
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        if not self.is_fsdp_enabled:
-            from accelerate.state import PartialState
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-            state = self.accelerator.state
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-            state.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            self.is_fsdp_enabled = True
+        force_fsdp2(self)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.seen.append(inputs["input_ids"].tolist())
@@ -255,7 +230,9 @@ def check(name, out):
     return res
 
 
-def main():
+# ---- running checks in one process pair, and launching that from a test -------------------------------
+def run_checks(check, prefix):
+    """Each name on the command line: check(name, out) -> dict, written by rank 0 to out/<prefix>_<name>.json."""
     out, names = sys.argv[1], sys.argv[2:]
     for name in names:
         try:
@@ -265,12 +242,34 @@ def main():
 
             res = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
         if dist.get_rank() == 0:
-            with open(os.path.join(out, f"fsdp_{name}.json"), "w") as f:
+            with open(os.path.join(out, f"{prefix}_{name}.json"), "w") as f:
                 json.dump(res, f)
             print("RESULT", name, json.dumps(res), flush=True)
     dist.barrier()
     os._exit(0)  # gloo sometimes aborts in the interpreter's teardown (see ddp_worker.py)
 
 
+class Results(dict):
+    """A check's result; a check that raised fails the test that reads it, with its traceback."""
+
+    def __getitem__(self, name):
+        res = super().__getitem__(name)
+        assert "error" not in res, f"{name}: {res.get('error')}\n{res.get('trace')}"
+        return res
+
+
+def launch(worker, out, names, port, prefix, env=None, timeout=300):
+    """Run `worker` under torchrun with 2 CPU processes; the checks' results by name."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(HERE, worker), str(out), *names]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return Results({name: json.load(open(os.path.join(out, f"{prefix}_{name}.json"))) for name in names})
+
+
 if __name__ == "__main__":
-    main()
+    install_counters()
+    run_checks(check, "fsdp")

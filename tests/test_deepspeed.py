@@ -5,36 +5,20 @@ DeepSpeed run on a machine also builds DeepSpeed's shared-memory comm op once, a
 The references are the single-process ones of tests/fsdp_worker.py. Skipped without deepspeed.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("deepspeed")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from fsdp_worker import launch  # noqa: E402
+
 CHECKS = ["sam_local_1_z2", "sam_local_2_z1", "sam_global_2_z2", "gsam_local_1_z1", "looksam_global_1_z2",
           "fsam_global_1_z1", "restored", "resume"]
 
 
-class Results(dict):
-    def __getitem__(self, name):
-        res = super().__getitem__(name)
-        assert "error" not in res, f"{name}: {res.get('error')}\n{res.get('trace')}"
-        return res
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29625",
-           os.path.join(HERE, "ds_worker.py"), str(out), *CHECKS]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return Results({name: json.load(open(out / f"ds_{name}.json")) for name in CHECKS})
+    return launch("ds_worker.py", tmp_path_factory.mktemp("deepspeed"), CHECKS, 29625, "ds",
+                  env={"DS_ACCELERATOR": "cpu"}, timeout=900)
 
 
 def test_both_ascent_modes_match_their_references(results):

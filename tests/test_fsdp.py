@@ -5,44 +5,24 @@ One launch of the worker runs every trainer below in one process pair (~40 s on 
 references are single-process plain-torch implementations of the variants' equations (in the worker).
 """
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
+from fsdp_worker import launch
 from hf_sam import SAMConfig, sharded
 from hf_sam.cards import _ascent
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
 CHECKS = ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
           "asam_local_1", "gsam_global_1", "looksam_global_1", "fsam_global_1", "fsam_local_1", "resume",
           "restored"]
 
 
-def _launch(out, names, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(HERE, "fsdp_worker.py"), str(out), *names]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {name: json.load(open(out / f"fsdp_{name}.json")) for name in names}
-
-
-class Results(dict):
-    def __getitem__(self, name):
-        res = super().__getitem__(name)
-        assert "error" not in res, f"{name}: {res.get('error')}\n{res.get('trace')}"
-        return res
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return Results(_launch(tmp_path_factory.mktemp("fsdp"), CHECKS, 29621))
+    return launch("fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), CHECKS, 29621, "fsdp")
 
 
 def test_global_ascent_is_the_default_and_exact_for_ga_1_and_2(results):
