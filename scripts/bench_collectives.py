@@ -7,8 +7,9 @@ Run with two processes (CPU over gloo, or GPUs over NCCL):
 
 Trains a tiny GPT-2 (2 blocks, each block and the root one FSDP group) for a few steps per setting
 and counts, per optimizer step and per process: gradient all-reduces (DDP buckets), all-gathers and
-reduce-scatters (FSDP2), and scalar all-reduces (hf_sam's sharded global norms). Prints a Markdown
-table on rank 0 (and JSON with --out).
+reduce-scatters (FSDP2), and other `torch.distributed.all_reduce` calls (hf_sam's scalar norms under
+FSDP, the SAM metrics' reduction at log time, DDP's own bookkeeping). Prints a Markdown table on
+rank 0 (and JSON with --out).
 
 On a CPU accelerate does not set up FSDP for the Trainer (it trains DDP instead), so for the FSDP
 rows this script puts the FSDP2 plugin on the accelerator state itself (as tests/fsdp_worker.py
@@ -140,7 +141,7 @@ def main():
         for ga in (int(x) for x in a.ga.split(",")):
             rows.append(run(setting, ga, a.steps, a.device, a.tmp))
     if dist.get_rank() == 0:
-        print("| backend | ascent | GA | all-gathers | reduce-scatters | scalar all-reduces | DDP bucket all-reduces |")
+        print("| backend | ascent | GA | all-gathers | reduce-scatters | other all-reduces | DDP bucket all-reduces |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['backend']} | {r['mode']} | {r['ga']} | {r['all_gather']:g} | {r['reduce_scatter']:g} | "
