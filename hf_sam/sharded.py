@@ -43,11 +43,8 @@ from . import ops
 
 logger = logging.getLogger(__name__)
 
-# Variants tested under FSDP2 against their single-process references (tests/test_fsdp.py).
+# Variants tested under FSDP2, both ascent modes, against their single-process references (tests/test_fsdp.py).
 FSDP_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
-# Per-device ascent keeps the unsharded parameters between the passes; tested for the variants whose
-# step is clean pass -> ascent -> descent pass at w + e (no explicit descent gradient).
-FSDP_PER_DEVICE_VARIANTS = ("sam", "asam", "fsam")
 # DeepSpeed ZeRO-1/2, both ascent modes (tests/test_deepspeed.py).
 DEEPSPEED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
 
@@ -146,10 +143,6 @@ def setup(trainer, config):
         raise ValueError(
             f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(FSDP_VARIANTS)} are "
             f"tested on sharded parameters). Use DDP for {config.variant!r}.")
-    if not config.sync_ascent and config.variant not in FSDP_PER_DEVICE_VARIANTS:
-        raise ValueError(
-            f"variant {config.variant!r} with per-device ascent (sync_ascent=False) is not supported under FSDP "
-            f"yet (only {', '.join(FSDP_PER_DEVICE_VARIANTS)}). Set sync_ascent=True (global ascent).")
     previous = getattr(trainer, "_sam_sharding", None)
     if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
@@ -361,14 +354,19 @@ def _deepspeed_pass(ctx, sync, final):
 
 
 def descend_with(ctx, d):
-    """DeepSpeed: finish the micro-batch with the descent gradient d; False elsewhere (the step does it).
+    """Finish the micro-batch with the explicit descent gradient d where sharding needs it; else False.
 
-    The gradient goes through the engine like any other: a backward of sum_i <p_i, d_i> (whose gradient
-    is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the last micro-batch.
+    DeepSpeed: the gradient goes through the engine like any other: a backward of sum_i <p_i, d_i>
+    (whose gradient is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the
+    last micro-batch. FSDP2 per-device ascent: d is this device's full gradient; it is averaged and
+    reduce-scattered into the sharded gradients, and the unsharded parameters are dropped.
+    FSDP2 global ascent: d is sharded and global already (False: the step adds it).
     """
     sharding = getattr(ctx.trainer, "_sam_sharding", None)
-    if sharding is None or sharding.kind != "deepspeed":
+    if sharding is None:
         return False
+    if sharding.kind == "fsdp2":
+        return _fsdp_descend_with(ctx, d)
     pairs = [(p, x) for p, x in zip(ctx.params, d) if x is not None]
     surrogate = sum((p * x.detach().to(p.dtype)).sum() for p, x in pairs)
     ctx.trainer.accelerator.backward(surrogate, scale_wrt_gas=False)
@@ -408,3 +406,24 @@ def _map(value, fn):
     if isinstance(value, (list, tuple)):
         return type(value)(_map(v, fn) for v in value)
     return fn(value) if torch.is_tensor(value) else value
+
+
+def _fsdp_descend_with(ctx, d):
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None or st.held is None:
+        return False
+    from torch.distributed.tensor import DTensor, Partial
+
+    release(ctx)  # weights are at w (set_final restored them); the shards never moved
+    world = ctx.num_processes
+    with torch.no_grad():
+        for p, x in zip(ctx.selection.params, d):  # every process reduces every parameter (collectives)
+            full = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device) if x is None else x.detach()
+            mean = DTensor.from_local(full, p.device_mesh, [Partial()], shape=p.shape, stride=p.stride(),
+                                      run_check=False).redistribute(p.device_mesh, p.placements)
+            mean.to_local().div_(world)
+            if p.grad is None:
+                p.grad = mean
+            else:
+                p.grad.to_local().add_(mean.to_local())
+    return True
