@@ -11,6 +11,7 @@ README's settings table.
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -385,6 +386,28 @@ def _argument_fields():
 _WITH_SAM_ARGS: dict[type, type] = {}
 
 
+def _as_arguments(message: str) -> str:
+    """A SAMConfig validation message with the settings named as arguments (rho=... -> sam_rho=...)."""
+    names = "|".join(sorted((f.name for f in fields(SAMConfig)), key=len, reverse=True))
+    message = re.sub(rf"(^|remove |Set )({names})\b", lambda m: m.group(1) + PREFIX + m.group(2), message)
+    return re.sub(rf"(?<![\w])({names})(?==)", PREFIX + r"\1", message)
+
+
+def publish_generated_class(cls: type, module_globals: dict) -> None:
+    """Make a generated class importable from the module that made it, so its instances pickle.
+
+    (The Trainer saves `torch.save(self.args)` in every checkpoint.) Two hosts with the same name from
+    different packages get distinct names (`SAMSFTConfig`, `SAMSFTConfig_2`).
+    """
+    base, name, n = cls.__name__, cls.__name__, 1
+    while module_globals.get(name, cls) is not cls:
+        n += 1
+        name = f"{base}_{n}"
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = module_globals["__name__"]
+    module_globals[name] = cls
+
+
 def with_sam_args(args_class: type) -> type:
     """`args_class` (a TrainingArguments subclass) plus every SAMConfig setting as `sam_<name>`.
 
@@ -410,7 +433,10 @@ def with_sam_args(args_class: type) -> type:
                         raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
                                          f"{'a number' if kind is float else 'an integer'}.") from None
             super(cls, self).__post_init__()
-            config = config_from_arguments(self)  # validates before any training starts
+            try:
+                config = config_from_arguments(self)  # validates before any training starts
+            except ValueError as err:  # name the argument as the user wrote it: sam_rho, not rho
+                raise ValueError(_as_arguments(str(err))) from None
             for f in fields(SAMConfig):  # numbers read from text files become numbers
                 if f.name not in config.resolved:  # (a filled-in variant default stays None here)
                     setattr(self, PREFIX + f.name, getattr(config, f.name))
@@ -422,7 +448,7 @@ def with_sam_args(args_class: type) -> type:
                      "__doc__": f"`{args_class.__name__}` plus every `SAMConfig` setting as `sam_<name>` "
                                 "(e.g. `--sam_rho 0.1`); see hf_sam.with_sam_args."}
         cls = dataclasses.make_dataclass(name, _argument_fields(), bases=(args_class,), namespace=namespace)
-        cls.__module__ = __name__
+        publish_generated_class(cls, globals())
         _WITH_SAM_ARGS[args_class] = cls
     return _WITH_SAM_ARGS[args_class]
 

@@ -2,9 +2,13 @@
 
 `with_sam(TrainerClass)` makes any `transformers.Trainer` subclass sharpness-aware: TRL's
 `SFTTrainer` and `DPOTrainer`, `Seq2SeqTrainer`, your own subclass. `SAMTrainer` is
-`with_sam(Trainer)`. Each pass of a sharpness-aware step is one call of the host class's own
-`training_step` (its `compute_loss`, GA / num_items scaling, `accelerator.backward`); clipping,
-the optimizer step, the LR schedule, logging, evaluation and checkpoints stay the host's.
+`with_sam(Trainer)`. The mixin belongs before the host in the MRO (`with_sam(Host)`,
+`class X(SAMMixin, Host)` or `class X(SAMTrainer, Host)`); `class X(Host, SAMTrainer)` also takes
+`sam_config=`, but host methods that do not call super() (TRL's compute_loss) then hide the mixin's,
+and a variant whose loss hook is bypassed that way stops with an error. Each pass of a
+sharpness-aware step is one call of the host class's own `training_step` (its `compute_loss`,
+GA / num_items scaling, `accelerator.backward`); clipping, the optimizer step, the LR schedule,
+logging, evaluation and checkpoints stay the host's.
 
 The mixin overrides these Trainer methods: `training_step`, `compute_loss` (only while a variant's
 loss hook is active), `train`, `_hp_search_setup`, `evaluate`, `predict`, `save_model`,
@@ -16,6 +20,7 @@ class's names.
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 from collections import deque
@@ -26,8 +31,8 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from .config import PREFIX, SAMConfig, config_from_arguments, sam_arguments_changed
 from . import sharded
+from .config import PREFIX, SAMConfig, config_from_arguments, publish_generated_class, sam_arguments_changed
 from .params import select_parameters
 from .scaling import layer_factors
 from .step import Metrics, StepContext, build_selection, run_step, sam_active, unique_trainable
@@ -65,6 +70,7 @@ class SAMRun:
     selection: object = None
     selection_owner: object = None
     loss_hook: object = None
+    loss_hook_used: bool = False
     last_passes: int = 1
     flags: set = dataclasses.field(default_factory=set)
     set_up_variant: str | None = None
@@ -169,9 +175,16 @@ class TrainerFrontEnd:
     def run(self, loss_hook=None, keep=True):
         run = self.trainer._sam
         snap = None if keep else bookkeeping_snapshot(self.trainer)
-        run.loss_hook = loss_hook
+        run.loss_hook, run.loss_hook_used = loss_hook, False
         try:
-            return self._stock_step(self.model, self.inputs, self.num_items_in_batch)
+            loss = self._stock_step(self.model, self.inputs, self.num_items_in_batch)
+            if loss_hook is not None and not run.loss_hook_used:
+                raise ValueError(
+                    f"{self.trainer.sam_config.variant} changes the loss, but {type(self.trainer).__name__}'s "
+                    "compute_loss did not reach SAMMixin.compute_loss (a class before SAMMixin in the MRO computes "
+                    "the loss without calling super().compute_loss). Put SAMMixin first: with_sam(HostTrainer) or "
+                    "class MyTrainer(SAMMixin, HostTrainer).")
+            return loss
         finally:
             run.loss_hook = None
             if snap is not None:
@@ -186,8 +199,29 @@ class SAMMixin:
     non-default `sam_*` arguments is an error.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        """A class that puts a host trainer before SAMMixin (`class X(Seq2SeqTrainer, SAMTrainer)`) still takes
+        `sam_config=`: the host's __init__ does not know it, so X.__init__ takes it off and SAMMixin reads it."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        hosts_first = [c for c in mro[1:mro.index(SAMMixin)] if issubclass(c, Trainer) and not issubclass(c, SAMMixin)]
+        if not hosts_first:
+            return
+        host_init = cls.__init__
+
+        @functools.wraps(host_init)
+        def __init__(self, *args, **kw):
+            if "sam_config" in kw:
+                self.__dict__["_sam_pending_config"] = kw.pop("sam_config")
+            host_init(self, *args, **kw)
+
+        cls.__init__ = __init__
+
     def __init__(self, *args, sam_config: SAMConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        pending = self.__dict__.pop("_sam_pending_config", None)
+        if sam_config is None:
+            sam_config = pending
         if sam_config is not None and not isinstance(sam_config, SAMConfig):
             raise TypeError(f"sam_config must be a hf_sam.SAMConfig, got {type(sam_config).__name__}")
         if sam_config is not None:
@@ -336,6 +370,7 @@ class SAMMixin:
             return super(SAMMixin, self).compute_loss(model, batch, return_outputs=True,
                                                       num_items_in_batch=num_items_in_batch, **kwargs)
 
+        self._sam.loss_hook_used = True
         loss, outputs = hook(compute, model, inputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -452,9 +487,9 @@ def with_sam(trainer_class: type) -> type:
         return trainer_class
     if trainer_class not in _WITH_SAM:
         name = "SAMTrainer" if trainer_class is Trainer else f"SAM{trainer_class.__name__}"
-        cls = type(name, (SAMMixin, trainer_class), {"__module__": __name__, "__qualname__": name,
-                                                      "__doc__": f"{trainer_class.__name__} with SAM "
+        cls = type(name, (SAMMixin, trainer_class), {"__doc__": f"{trainer_class.__name__} with SAM "
                                                                  "(see hf_sam.SAMMixin)."})
+        publish_generated_class(cls, globals())
         _WITH_SAM[trainer_class] = cls
     return _WITH_SAM[trainer_class]
 

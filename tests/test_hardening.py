@@ -132,3 +132,10 @@ def test_text_that_is_not_a_number_names_the_setting_and_type():
         SAMConfig(rho="abc")
     with pytest.raises(ValueError, match=r"interval='2.5' is not a number; interval takes an integer"):
         SAMConfig(interval="2.5")
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"sam_rho=-1\.0 is out of range"):
+        SAMTrainingArguments(output_dir="out", sam_rho=-1.0)
+    with pytest.raises(ValueError, match=r"sam_gsam_alpha is a setting of variant 'gsam'"):
+        SAMTrainingArguments(output_dir="out", sam_gsam_alpha=0.2)

@@ -192,6 +192,8 @@ def test_every_shipped_config_parses_with_its_script(tmp_path):
     configs = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "hub").glob("*.yaml"))
     assert len(configs) >= 6
     for config in configs:
+        if config.name.startswith("sft"):  # train_sft.py parses SFTConfig: tests/test_scripts_sft.py
+            continue
         script = next(s for prefix, s in scripts.items() if config.name.startswith(prefix))
         gpu_only = ["--bf16", "false"] if config.parent.name == "hub" else []  # Hub examples ask for a GPU
         parsed = ScriptParser((script.ScriptArguments, LoraArguments, SAMTrainingArguments)).parse_args_and_config(

@@ -86,12 +86,6 @@ class WASAMCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._wasam_training = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._wasam_training = False
-
     def on_step_end(self, args, state, control, **kwargs):
         # Runs before the step's checkpoint is written, so a checkpoint always holds the average of the
         # steps before it (averaging in on_epoch_end would miss an epoch-end checkpoint).
@@ -190,7 +184,7 @@ def _evaluate_hook(trainer):
 
 @contextmanager
 def _save_hook(trainer):
-    if getattr(trainer, "_wasam_training", False):  # a checkpoint: keep the training weights for resume
+    if trainer.is_in_train:  # a checkpoint: keep the training weights for resume
         yield
         return
     with use_average(trainer):
@@ -198,7 +192,6 @@ def _save_hook(trainer):
 
 
 def on_setup(trainer):
-    trainer._wasam_training = False
     trainer.add_callback(WASAMCallback(trainer))
 
 
