@@ -264,7 +264,7 @@ class SAMMixin:
     def _sam_configure(self, config: SAMConfig) -> None:
         """Use `config` from now on: variant, early selection check, the variant's own set-up."""
         run = self._sam
-        config = sharded.setup(self, config)  # FSDP2: variants refused or not; sync_ascent=None (auto) resolved
+        config = sharded.setup(self, config)  # FSDP2/DeepSpeed: variants checked; sync_ascent=None (auto) resolved
         run.config, run.variant = config, get_variant(config.variant)
         run.selection = run.selection_owner = None
         self._sam_check_selection()
