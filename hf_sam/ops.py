@@ -46,11 +46,21 @@ def _shard_group(tensors):
     return None
 
 
-def _sum_over_shards(value: torch.Tensor, tensors) -> torch.Tensor:
+def _sum_over_shards(parts: torch.Tensor, tensors) -> torch.Tensor:
+    """sum of per-tensor `parts` over all processes' shards: one scalar all-reduce when any is sharded.
+
+    A tensor that is not sharded (replicated, e.g. a parameter FSDP does not manage) counts once.
+    """
     group = _shard_group(tensors)
-    if group is not None:
-        torch.distributed.all_reduce(value, group=group)
-    return value
+    if group is None:
+        return parts.sum()
+    if not all(is_sharded(t) for t in tensors):  # (rare) a host-built weight vector, off the all-sharded path
+        world = torch.distributed.get_world_size(group)
+        weights = [1.0 if is_sharded(t) else 1.0 / world for t in tensors]
+        parts = parts * torch.tensor(weights, dtype=parts.dtype, device=parts.device)
+    total = parts.sum()
+    torch.distributed.all_reduce(total, group=group)
+    return total
 
 
 def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.Tensor:
@@ -65,7 +75,7 @@ def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.T
         norms = norms * torch.tensor(weights, dtype=torch.float32, device=norms.device)
     if _shard_group(tensors) is None:
         return torch.linalg.vector_norm(norms)
-    return _sum_over_shards(norms.square().sum(), tensors).sqrt()
+    return _sum_over_shards(norms.square(), tensors).sqrt()
 
 
 def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
@@ -73,7 +83,7 @@ def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
     if not a:
         return torch.zeros((), dtype=torch.float32)
     dots = [torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(local(a), local(b))]
-    return _sum_over_shards(torch.stack(dots).sum(), a)
+    return _sum_over_shards(torch.stack(dots), a)
 
 
 def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ variants not listed below, and a run that asked for FSDP or DeepSpeed but was se
 (accelerate does not shard on a CPU).
 """
 
+import dataclasses
 import logging
 import os
 from contextlib import contextmanager, nullcontext
@@ -43,17 +44,16 @@ from . import ops
 
 logger = logging.getLogger(__name__)
 
-# Variants tested under FSDP2, both ascent modes, against their single-process references (tests/test_fsdp.py).
-FSDP_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
-# DeepSpeed ZeRO-1/2, both ascent modes (tests/test_deepspeed.py).
-DEEPSPEED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# Variants tested under FSDP2 and DeepSpeed ZeRO-1/2, both ascent modes, against their single-process
+# references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
 
 
 class Sharding:
     """How this run is sharded (set once when the trainer is built)."""
 
     def __init__(self, kind, sync_ascent_auto=False):
-        self.kind = kind  # "fsdp2"
+        self.kind = kind  # "fsdp2" or "deepspeed"
         self.sync_ascent_auto = sync_ascent_auto  # sync_ascent was left unset and FSDP chose global ascent
 
 
@@ -122,15 +122,13 @@ def _deepspeed_config(trainer):
 
 
 def setup(trainer, config):
-    """`config` for this trainer: refusals per variant under FSDP2, sync_ascent=None (auto) resolved."""
-    import dataclasses
-
+    """`config` for this trainer: variants checked under FSDP2 / DeepSpeed, sync_ascent=None (auto) resolved."""
     k = kind(trainer)
     if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
-        if config.variant not in DEEPSPEED_VARIANTS:
+        if config.variant not in SHARDED_VARIANTS:
             raise ValueError(
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
-                f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
+                f"{', '.join(SHARDED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
         trainer._sam_sharding = Sharding("deepspeed")
         return config
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
@@ -139,15 +137,15 @@ def setup(trainer, config):
     auto = config.sync_ascent is None
     if auto:
         config = dataclasses.replace(config, sync_ascent=True)
-    if config.variant not in FSDP_VARIANTS:
+    if config.variant not in SHARDED_VARIANTS:
         raise ValueError(
-            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(FSDP_VARIANTS)} are "
+            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(SHARDED_VARIANTS)} are "
             f"tested on sharded parameters). Use DDP for {config.variant!r}.")
     previous = getattr(trainer, "_sam_sharding", None)
     if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
-            "sharded memory, +1 scalar all-reduce and a second all-gather/reduce-scatter per pass). Set "
+            "sharded memory; each pass all-gathers and reduce-scatters, +2 scalar all-reduces per micro-batch). Set "
             "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
     trainer._sam_sharding = Sharding("fsdp2", sync_ascent_auto=auto)
     return config

@@ -201,6 +201,23 @@ def check(name, out):
             res[f"sync{int(sync)}_bitwise_equal"] = all(torch.equal(full(p), q.detach()) for p, q in
                                                         zip(tr.model.parameters(), init.parameters()))
         return res
+    if name == "ops":  # sharded norms and inner products, with a replicated tensor in the list (counts once)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from hf_sam import ops
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        g = torch.Generator().manual_seed(7)
+        a, b, c = torch.randn(101, 3, generator=g), torch.randn(101, 3, generator=g), torch.randn(5, generator=g)
+        da, db = distribute_tensor(a, mesh, [Shard(0)]), distribute_tensor(b, mesh, [Shard(0)])
+        norm = ops.global_norm([da, c])
+        dot = ops.global_dot([da, c], [db, c])
+        return {"norm_err": (norm - torch.sqrt((a ** 2).sum() + (c ** 2).sum())).abs().item(),
+                "dot_err": (dot - ((a * b).sum() + (c * c).sum())).abs().item(),
+                "plain_result": not ops.is_sharded(norm) and not ops.is_sharded(dot)}
     if name == "cpu_asked_fsdp":  # no forcing: on a CPU accelerate sets up DDP although FSDP was asked for
         try:
             tiny.InOrderSAMTrainer(model=model(), args=tiny.args(os.path.join(out, name), fsdp="full_shard",

@@ -15,7 +15,7 @@ from hf_sam import SAMConfig, sharded
 from hf_sam.cards import _ascent
 
 # one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
-CHECKS = ["cpu_asked_fsdp", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
+CHECKS = ["cpu_asked_fsdp", "ops", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
           "asam_local_1", "gsam_global_1", "gsam_local_1", "looksam_global_1", "looksam_local_1", "fsam_global_1",
           "fsam_local_1", "resume", "restored"]
 
@@ -51,6 +51,11 @@ def test_collectives_per_micro_batch(results):
     assert glob["all_gather"] == 2 * local["all_gather"] and glob["reduce_scatter"] == 2 * local["reduce_scatter"]
     assert local["all_reduce"] == 0
     assert glob["all_reduce"] == 2  # the ascent norm and the perturbation-norm metric: one scalar each
+
+
+def test_sharded_norm_and_dot_count_a_replicated_tensor_once(results):
+    r = results["ops"]
+    assert r["norm_err"] < 1e-5 and r["dot_err"] < 1e-4 and r["plain_result"]
 
 
 def test_weights_come_back_bit_for_bit(results):
