@@ -35,6 +35,7 @@ from _common import (
     LoraArguments,
     ScriptParser,
     apply_lora,
+    attach_sharpness,
     check_launch,
     checkpoint_to_resume,
     finetuned_from,
@@ -105,6 +106,7 @@ def parse_args(argv=None):
     parser = ScriptParser((ScriptArguments, LoraArguments, SAMSFTConfig), description=__doc__,
                           default_config=DEFAULT_CONFIG)
     script_args, lora_args, training_args = parser.parse_args_and_config(argv)
+    script_args.sam_measure = parser.sam_measure  # --sam_measure (the parser's own option)
     return script_args, lora_args, training_args, reproduce_command(__file__, parser.effective_argv)
 
 
@@ -130,6 +132,7 @@ def main(script_args, lora_args, training_args, command=None):
     trainer = SAMSFTTrainer(model=model, args=training_args, train_dataset=splits["train"],
                             eval_dataset=splits["test"], processing_class=tokenizer)
     trainer.sam_reproduce_command = command
+    attach_sharpness(trainer, getattr(script_args, "sam_measure", None))
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # 4. Held-out loss and token accuracy, one answer, then model + tokenizer + metrics + card.

@@ -115,7 +115,7 @@ def test_resolve_model_path_for_packaged_weights():
 
 def test_train_vit_tiny_then_resume_and_refuse_overwrite(tmp_path, capsys):
     out = tmp_path / "vit"
-    argv = ["--config", VIT_CONFIG, "--output_dir", str(out), *TINY]
+    argv = ["--config", VIT_CONFIG, "--output_dir", str(out), *TINY, "--sam_measure", "m_sharpness"]
     trainer, metrics = train_vit.main(argv)
 
     # model, processor, metrics, state and a model card in output_dir
@@ -126,6 +126,8 @@ def test_train_vit_tiny_then_resume_and_refuse_overwrite(tmp_path, capsys):
     assert "test accuracy:" in capsys.readouterr().out
     history = trainer.state.log_history
     assert any("sam/sharpness" in e for e in history) and any("eval_accuracy" in e for e in history)
+    measured = [e["sharpness/m_sharpness"] for e in history if "sharpness/m_sharpness" in e]
+    assert len(measured) == 2 and all(v == v for v in measured)  # --sam_measure: one per evaluation
     card = (out / "README.md").read_text()
     assert "sam" in card and "scripts/train_vit.py --config" in card  # reproduce command
     assert {"checkpoint-3", "checkpoint-6"} <= {p.name for p in out.iterdir()}
