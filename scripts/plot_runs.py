@@ -7,6 +7,8 @@ Each RUN is an output folder (its trainer_state.json, or else the one of its new
 trainer_state.json file. The PNG has four panels over optimizer steps: training loss, eval loss,
 eval accuracy (eval perplexity for language models) and `sam/sharpness` (the loss increase
 L(w + e) - L(w) that SAMTrainer logs), one line per run and a legend. Panels without data say so.
+Runs that logged `sharpness/*` measurements (hf_sam.SharpnessCallback, `--sam_measure`) get one more
+panel per measurement (top eigenvalue, trace, m-sharpness).
 """
 
 import argparse
@@ -71,13 +73,14 @@ def series(history, read):
     return [s for s, _ in points], [v for _, v in points]
 
 
+def sharpness_panels(histories):
+    """One (title, reader) per `sharpness/*` key logged by any of the runs, in a fixed order."""
+    keys = sorted({k for h in histories for e in h for k in e if k.startswith("sharpness/")})
+    return [(key, lambda e, key=key: e.get(key)) for key in keys]
+
+
 def plot_runs(runs, output, labels=None, title=None):
     """Write the PNG for the given runs; returns the path. Usable from Python as well as the command line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
     state_files = [find_state_file(r) for r in runs]
     histories = [load_history(f) for f in state_files]
     labels = list(labels) if labels else [default_label(f) for f in state_files]
@@ -88,23 +91,38 @@ def plot_runs(runs, output, labels=None, title=None):
     has_accuracy = any(series(h, PANELS[2][1])[0] for h in histories)
     if not has_accuracy:  # language models: show perplexity instead of accuracy
         panels[2] = PERPLEXITY_PANEL
+    panels += sharpness_panels(histories)
+    drawn = [(name, [(label, *series(history, read)) for history, label in zip(histories, labels)])
+             for name, read in panels]
+    return draw_panels(drawn, output, title=title or "runs: " + ", ".join(labels))
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (name, read) in zip(axes.flat, panels):
+
+def draw_panels(panels, output, title=None, xlabel="optimizer step", columns=2):
+    """A PNG of panels [(title, [(label, steps, values), ...])], one line per label; empty panels say so."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.75 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, lines) in zip(axes.flat, panels):
         drawn = 0
-        for history, label in zip(histories, labels):
-            steps, values = series(history, read)
+        for label, steps, values in lines:
             if steps:
                 ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, markersize=3, label=label)
                 drawn += 1
         ax.set_title(name)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(title or "runs: " + ", ".join(labels))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

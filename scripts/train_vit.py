@@ -32,6 +32,7 @@ from _common import (
     LoraArguments,
     ScriptParser,
     apply_lora,
+    attach_sharpness,
     check_launch,
     checkpoint_to_resume,
     encode_labels,
@@ -173,6 +174,7 @@ def main(argv=None):
         processing_class=processor,
     )
     trainer.sam_reproduce_command = reproduce_command(__file__, parser.effective_argv)
+    attach_sharpness(trainer, parser)  # --sam_measure: sharpness/* logged at every evaluation
     train_result = trainer.train(resume_from_checkpoint=resume)
 
     # -------------------------------------------------------------------------

@@ -77,7 +77,11 @@ def test_config_source_priority(tmp_path):
     assert SAMTrainer(model=tiny.MLP(), args=plain).sam_config == SAMConfig()  # defaults: SAM, rho 0.05
     args = tiny.args(tmp_path, sam_rho=0.3)
     assert SAMTrainer(model=tiny.MLP(), args=args).sam_config.rho == 0.3
-    assert SAMTrainer(model=tiny.MLP(), args=args, sam_config=SAMConfig(rho=0.7)).sam_config.rho == 0.7
+    # sam_config= with default sam_* arguments: the config is used
+    assert SAMTrainer(model=tiny.MLP(), args=tiny.args(tmp_path), sam_config=SAMConfig(rho=0.7)).sam_config.rho == 0.7
+    # both set: an error that names both sources (no silent winner)
+    with pytest.raises(ValueError, match=r"sam_config=SAMConfig\(\.\.\.\) and the arguments' sam_rho=0\.3"):
+        SAMTrainer(model=tiny.MLP(), args=args, sam_config=SAMConfig(rho=0.7))
 
 
 @pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise"])
@@ -90,10 +94,10 @@ def test_deepspeed_and_fsdp_are_refused(tmp_path):
     tr = tiny.trainer(tmp_path)
     tr.is_deepspeed_enabled = True
     with pytest.raises(ValueError, match="DeepSpeed"):
-        tr._check_supported()
+        tr._sam_check_supported()
     tr.is_deepspeed_enabled, tr.is_fsdp_enabled = False, True
     with pytest.raises(ValueError, match="FSDP"):
-        tr._check_supported()
+        tr._sam_check_supported()
 
 
 def test_selection_that_leaves_nothing_is_refused_before_training(tmp_path):
@@ -121,3 +125,47 @@ def test_model_init_is_supported(tmp_path):
     tr = SAMTrainer(model_init=lambda: tiny.MLP(), args=tiny.args(tmp_path, max_steps=2), train_dataset=tiny.Blobs())
     tr.train()
     assert tr.state.log_history[0]["sam/perturbation_norm"] > 0
+
+
+@pytest.mark.parametrize("variant,name,value", [
+    ("saf", "saf_lambda", 0.16), ("mesa", "saf_lambda", 0.3),
+    ("frobsam", "universal_samples", 2), ("detsam", "universal_samples", 1), ("tracesam", "universal_samples", 1),
+    ("frobsam", "universal_lambda", 0.005), ("detsam", "universal_lambda", 1.0), ("tracesam", "universal_lambda", 1.0),
+])
+def test_variant_defaults_are_filled_in(variant, name, value):
+    cfg = SAMConfig(variant=variant)
+    assert getattr(cfg, name) == value  # the number the step uses (official code / README values)
+    assert name in cfg.resolved  # filled in, not given
+    assert getattr(SAMConfig(variant=variant, **{name: 7}), name) == 7  # a given value is kept
+    assert getattr(SAMConfig(), name) is None  # other variants leave it unset
+
+
+def test_filled_in_defaults_follow_the_variant():
+    saf = SAMConfig(variant="saf")
+    assert saf.replace(variant="mesa").saf_lambda == 0.3
+    assert saf.replace(variant="sam").saf_lambda is None  # no "setting of another variant" error
+    assert SAMConfig(variant="saf", saf_lambda=0.5).replace(variant="mesa").saf_lambda == 0.5
+    with pytest.raises(ValueError, match="saf_lambda is a setting of variant 'saf', 'mesa'"):
+        SAMConfig(variant="sam", saf_lambda=0.16)  # a given value with another variant is still an error
+
+
+def test_filled_in_defaults_stay_unset_in_the_arguments(tmp_path):
+    args = SAMTrainingArguments(output_dir=str(tmp_path), sam_variant="mesa", report_to=[])
+    assert args.sam_saf_lambda is None and args.sam_config.saf_lambda == 0.3
+    args.sam_variant = "saf"  # e.g. a hyperparameter-search trial
+    assert args.sam_config.saf_lambda == 0.16
+
+
+def test_help_and_table_show_the_variant_defaults():
+    from hf_sam.config import settings_markdown
+
+    row = next(line for line in settings_markdown().splitlines() if "`--sam_saf_lambda`" in line)
+    assert "`0.16` (saf), `0.3` (mesa)" in row and "0.16 for saf, 0.3 for mesa" in row
+
+
+@pytest.mark.parametrize("name,value", [("interval", 1.5), ("interval", True), ("looksam_k", 2.0),
+                                        ("saf_lag", 0), ("wasam_swa_interval", -1)])
+def test_integer_settings_refuse_other_values(name, value):
+    variant = {"looksam_k": "looksam", "saf_lag": "saf", "wasam_swa_interval": "wasam"}.get(name, "sam")
+    with pytest.raises(ValueError, match=f"{name}=.*integer"):
+        SAMConfig(variant=variant, **{name: value})

@@ -235,3 +235,12 @@ def test_model_without_logits_is_refused(tmp_path):
                          sam_config=SAMConfig(variant="functional_sam"))
     with pytest.raises(ValueError, match="logits"):
         trainer.train()
+
+
+def test_closure_optimizer_refuses_it():
+    from hf_sam import SAM
+
+    model = MLP()
+    with pytest.raises(ValueError, match="functional_sam"):
+        SAM(model.named_parameters(), torch.optim.SGD(model.parameters(), lr=0.1),
+            config=SAMConfig(variant="functional_sam"), model=model)

@@ -174,7 +174,7 @@ def test_nonfinite_ascent_gradient_skips_perturbation(tmp_path):
     assert finite_during == [True, True]
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-7, rtol=0)
-    logs = tr._collect_metrics()
+    logs = tr._sam_collect_metrics()
     assert logs["sam/skipped"] == 1.0 and logs["sam/perturbation_norm"] == 0.0
 
 
@@ -188,7 +188,7 @@ def test_same_dropout_replays_rng(tmp_path):
                                                                           same_dropout=same)))
             torch.manual_seed(1)
             tr.training_step(model, batch())
-            sharp = tr._collect_metrics()["sam/sharpness"]
+            sharp = tr._sam_collect_metrics()["sam/sharpness"]
             assert (sharp == 0.0) == expect_zero
         # RNG after a SAM step equals the RNG after one stock step
         tr = ready(tiny.trainer(tmp_path, model, sam_rho=0.1))
@@ -244,16 +244,16 @@ def test_interval_runs_sam_on_every_kth_step_and_flops_count_passes(tmp_path):
     model = tiny.MLP()
     passes = []
     tr = tiny.trainer(tmp_path, model, sam_config=SAMConfig(rho=0.1, interval=3), max_steps=6)
-    orig = tr._stock_training_step
+    orig = tr._sam_run_pass
 
     def counting(*a, **k):
         passes.append(tr.state.global_step)
         return orig(*a, **k)
 
-    tr._stock_training_step = counting
+    tr._sam_run_pass = counting
     tr.train()
     assert passes == [0, 0, 3, 3]  # the other steps go through the plain stock step
-    assert tr._sam_last_passes == 1
+    assert tr._sam.last_passes == 1
 
 
 def test_floating_point_ops_count_both_passes(tmp_path):
@@ -271,8 +271,8 @@ def test_late_phase_window(tmp_path):
     model = tiny.MLP()
     seen = []
     tr = tiny.trainer(tmp_path, model, sam_config=SAMConfig(rho=0.1, start=0.5, end=0.75), max_steps=8)
-    orig = tr._stock_training_step
-    tr._stock_training_step = lambda *a, **k: (seen.append(tr.state.global_step), orig(*a, **k))[1]
+    orig = tr._sam_run_pass
+    tr._sam_run_pass = lambda *a, **k: (seen.append(tr.state.global_step), orig(*a, **k))[1]
     tr.train()
     assert sorted(set(s for s in seen if seen.count(s) == 2)) == [4, 5]
 

@@ -65,3 +65,27 @@ def test_bad_inputs_are_named(tmp_path):
         plot_runs.main([str(bad)])
     with pytest.raises(SystemExit, match="2 labels for 1 runs"):
         plot_runs.plot_runs([fake_run(tmp_path / "ok")], tmp_path / "y.png", labels=["a", "b"])
+
+
+def png_size(path):
+    data = Path(path).read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_logged_sharpness_measurements_get_their_own_panels(tmp_path):
+    plain = fake_run(tmp_path / "plain")
+    measured = fake_run(tmp_path / "measured")
+    state_file = measured / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for step in (5, 10):  # what SharpnessCallback logs after each evaluation
+        state["log_history"].append({"step": step, "sharpness/top_eigenvalue": 40.0 / step,
+                                     "sharpness/m_sharpness": 0.2 / step, "sharpness/trace": 900.0 / step})
+    state_file.write_text(json.dumps(state))
+    history = plot_runs.load_history(state_file)
+    panels = plot_runs.sharpness_panels([plot_runs.load_history(plain / "trainer_state.json"), history])
+    assert [name for name, _ in panels] == ["sharpness/m_sharpness", "sharpness/top_eigenvalue", "sharpness/trace"]
+    assert plot_runs.series(history, panels[1][1]) == ([5, 10], [8.0, 4.0])
+    base = plot_runs.plot_runs([plain], tmp_path / "base.png")
+    both = plot_runs.plot_runs([plain, measured], tmp_path / "both.png")
+    (w0, h0), (w1, h1) = png_size(base), png_size(both)
+    assert w1 == w0 and h1 == pytest.approx(h0 * 4 / 2, rel=0.02)  # 2 more rows of panels (7 panels)

@@ -1,12 +1,10 @@
 """The SAM family. Each module registers its variants; users add theirs with `@register("name")`."""
 
-from .registry import Variant, available, get, register, unregister
-
-get_variant = get
+from .registry import Variant, available, get_variant, register, unregister
 
 from . import sam  # noqa: E402,F401  (registers sam, asam)
-from . import gsam, fsam, looksam, esam, ssam, msam, crsam  # noqa: E402,F401  (group A)
-from . import universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam  # noqa: E402,F401  (group B)
+from . import gsam, fsam, looksam, esam, ssam, msam, crsam  # noqa: E402,F401
+from . import universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam  # noqa: E402,F401
 from . import functional_sam  # noqa: E402,F401
 
-__all__ = ["Variant", "available", "get", "get_variant", "register", "unregister"]
+__all__ = ["Variant", "available", "get_variant", "register", "unregister"]

@@ -57,8 +57,8 @@ def decide(ctx, sq: float) -> bool:
     mu = delta * st.get("aesam_mean", 0.0) + (1.0 - delta) * sq
     var = delta * st.get("aesam_var", 0.0) + (1.0 - delta) * (sq - mu) ** 2
     st["aesam_mean"], st["aesam_var"] = mu, var
-    total = ctx.trainer.state.max_steps or 0
-    frac = min(ctx.trainer.state.global_step / total, 1.0) if total > 0 else 0.0
+    total = ctx.max_steps or 0
+    frac = min(ctx.global_step / total, 1.0) if total > 0 else 0.0
     c = frac * cfg.aesam_lambda1 + (1.0 - frac) * cfg.aesam_lambda2
     use_sam = sq >= mu + c * math.sqrt(var)
     st["aesam_sam_steps"] = st.get("aesam_sam_steps", 0) + int(use_sam)
@@ -69,11 +69,11 @@ def aesam(ctx):
     g = ctx.grad()                                            # clean pass at w (always needed)
     gs = [x for x, s in zip(g, ctx.selection.selected) if x is not None and s]
     sq = (ops.global_norm(gs) * ctx.grad_unit()) ** 2 if gs else torch.zeros(())
-    acc = ctx.trainer.accelerator
-    if acc.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        sq = sq.to(acc.device).clone()
-        torch.distributed.all_reduce(sq)
-        sq = sq / acc.num_processes
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sq = sq.to(ctx.params[0].device).clone()             # NCCL reduces device tensors
+        dist.all_reduce(sq)
+        sq = sq / dist.get_world_size()
     if not decide(ctx, float(sq)):                            # same decision on every process
         ctx.set_final(g)                                      # plain step with the clean gradient
         return

@@ -23,7 +23,7 @@ import torch
 
 from .registry import register
 
-PAPER = {
+CRSAM_PAPER = {
     "title": "CR-SAM: Curvature Regularized Sharpness-Aware Minimization",
     "authors": "Tao Wu, Tie Luo, Donald C. Wunsch II",
     "venue": "AAAI 2024",
@@ -58,4 +58,4 @@ def crsam(ctx):
     ctx.set_final(g_plus)                             # d = g+ + gamma (g+ + g- - 2 g0) + beta (g+ - g-)
 
 
-register("crsam", passes=3, paper=PAPER)(crsam)
+register("crsam", passes=3, paper=CRSAM_PAPER)(crsam)

@@ -24,10 +24,11 @@ detached factor c = L_stock(w + e) / mean_i l_i(w + e) of the full micro-batch (
 mean-reduced classification loss). gamma = 1 (k = n) skips SDS and runs the stock descent pass;
 beta = gamma = 1 is SAM exactly.
 
-Randomness: the draws come from a private generator seeded with `args.seed`, one uniform number
-per perturbed tensor per micro-batch in the optimizer's parameter order (kept if < beta); its
-state is saved in the checkpoint, so a resumed run draws the same masks and the global RNG
-(dropout, data order) is untouched. A draw that keeps no tensor gives a plain one-pass step.
+Randomness: one uniform number per perturbed tensor per micro-batch, in the optimizer's parameter
+order (kept if < beta), from the micro-batch's private generator (hf_sam.variants.common.Noise:
+seeded with a hash of (seed, global_step, micro-batch index), the same on every process), so a
+resumed run draws the same masks and the global RNG (dropout, data order) is untouched. A draw that
+keeps no tensor gives a plain one-pass step.
 
 Defaults: beta 0.5, gamma 0.5 (run.sh: beta 0.5-0.6, gamma 0.5; class defaults 1 = SAM).
 Cost: clean pass (backward for ~beta of the tensors) + 1 no-grad forward + 1 pass on
@@ -41,9 +42,10 @@ import math
 import torch
 
 from ..losses import batch_size, per_sample_loss, select_samples
+from .common import Noise
 from .registry import register
 
-PAPER = {
+ESAM_PAPER = {
     "title": "Efficient Sharpness-aware Minimization for Improved Training of Neural Networks",
     "authors": "Jiawei Du, Hanshu Yan, Jiashi Feng, Joey Tianyi Zhou, Liangli Zhen, Rick Siow Mong Goh, "
                "Vincent Y. F. Tan",
@@ -57,17 +59,6 @@ PAPER = {
   url={https://arxiv.org/abs/2110.03141}
 }""",
 }
-
-
-def generator(state, key, seed) -> torch.Generator:
-    """A CPU generator restored from state[key] (seeded with `seed` the first time)."""
-    gen = torch.Generator()
-    saved = state.get(key)
-    if saved is None:
-        gen.manual_seed(int(seed))
-    else:
-        gen.set_state(saved.cpu())
-    return gen
 
 
 def selected_count(gamma, n) -> int:
@@ -101,12 +92,10 @@ def _select(before, k):
 
 
 def esam(ctx):
-    cfg, state, trainer = ctx.config, ctx.state, ctx.trainer
+    cfg = ctx.config
     sel = ctx.selection.selected
     perturbable = [i for i, s in enumerate(sel) if s]
-    gen = generator(state, "esam_rng", trainer.args.seed)
-    draws = torch.rand(len(perturbable), generator=gen)
-    state["esam_rng"] = gen.get_state()
+    draws = Noise(ctx, per_process=False).rand(len(perturbable))    # one per perturbed tensor
     kept = {i for i, u in zip(perturbable, draws.tolist()) if u < cfg.esam_beta}
     if not kept:
         ctx.grad(final=True)                                  # nothing perturbed: a plain step
@@ -115,7 +104,7 @@ def esam(ctx):
     n = batch_size(ctx.inputs)
     k = selected_count(cfg.esam_gamma, n)
     store = {}
-    freeze = not (cfg.sync_ascent and trainer.accelerator.num_processes > 1)
+    freeze = not (cfg.sync_ascent and ctx.num_processes > 1)
     frozen = [p for i, p in enumerate(ctx.params) if i not in kept and p.requires_grad] if freeze else []
     try:
         for p in frozen:
@@ -131,4 +120,4 @@ def esam(ctx):
     ctx.grad(at=e, final=True, loss_hook=hook, release=True)
 
 
-register("esam", paper=PAPER)(esam)
+register("esam", trainer_only=True, paper=ESAM_PAPER)(esam)

@@ -27,10 +27,10 @@ Defaults: sigma 1, lambda 0.9 (class defaults; train.py uses lambda 0.95, run.sh
 import torch
 
 from .. import ops
-from .gsam import common, pick
+from .common import perturbed, pick
 from .registry import register
 
-PAPER = {
+FSAM_PAPER = {
     "title": "Friendly Sharpness-Aware Minimization",
     "authors": "Tao Li, Pan Zhou, Zhengbao He, Xinwen Cheng, Xiaolin Huang",
     "venue": "CVPR 2024",
@@ -50,7 +50,7 @@ def direction(ctx, g):
     """d_t = g_t - sigma * m_{t-1} (d_1 = g_1), and the EMA update of m; g in backpropagated units."""
     cfg, state = ctx.config, ctx.state
     m = state.setdefault("fsam_m", [None] * len(ctx.params))
-    idx = common(ctx, g)
+    idx = perturbed(ctx, g)
     if idx:
         unit = ctx.grad_unit()                           # backpropagated -> micro-batch mean-loss gradient
         finite = torch.isfinite(ops.global_norm(pick(g, idx)))
@@ -80,4 +80,4 @@ def fsam(ctx):
     ctx.grad(at=e, final=True, release=True)                   # descent at w + e
 
 
-register("fsam", paper=PAPER)(fsam)
+register("fsam", paper=FSAM_PAPER)(fsam)

@@ -18,7 +18,8 @@ from the loss to the logits only); the descent pass backpropagates sum(logits(w 
 the loss at w + e (its reported value is still L(w + e), so the sharpness metric keeps its meaning).
 Both passes go through the step context, so gradient accumulation and num_items scaling, fp16 loss
 scaling, DDP no_sync on the clean pass, dropout replay and the exact restore of w are the engine's.
-Stateless (with ascent="adam" it reads the optimizer's state, which the Trainer checkpoints).
+Stateless (with ascent="adam" it reads the optimizer's state, which the Trainer checkpoints). Needs
+SAMTrainer (the Trainer front-end's loss hooks); hf_sam.SAM refuses it.
 
 Limits: g_F = grad L(w) when f is linear in w (J does not depend on w); g_F = SAM's gradient when the
 loss is linear in the outputs (dz does not depend on w). The model must return logits
@@ -89,4 +90,4 @@ def functional_sam(ctx):
     ctx.grad(at=e, final=True, release=True, loss_hook=replay)
 
 
-register("functional_sam", paper=_psam.PSAM_PAPER, on_setup=on_setup)(functional_sam)
+register("functional_sam", paper=_psam.PSAM_PAPER, on_setup=on_setup, trainer_only=True)(functional_sam)

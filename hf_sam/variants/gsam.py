@@ -16,8 +16,10 @@ global over the perturbed parameters; a trainable parameter that is not perturbe
 its own g_adv. Computed in place: d = g_adv * (1 + alpha (g . g_adv) / (||g_adv|| + eps)^2) - alpha g.
 
 The LR tie (`gsam_rho_min`): lr_max is the schedule's peak (the param group's initial_lr, i.e.
-`learning_rate`), lr_min its lowest point: `min_lr` / `min_lr_rate` / `lr_end` from
-`lr_scheduler_kwargs` when given, else 0 (the end of the linear, cosine and polynomial schedules).
+`learning_rate`; read through ctx.optimizer), lr_min its lowest point: `min_lr` / `min_lr_rate` /
+`lr_end` from SAMTrainer's `lr_scheduler_kwargs` when given, else 0 (the end of the linear, cosine
+and polynomial schedules; always 0 in hf_sam.SAM, where an optimizer without an LR scheduler has no
+initial_lr and keeps rho constant).
 The LR of the step is the one the optimizer is about to use. During warmup rho_t is below
 `gsam_rho_min` exactly as in the official code (clamped at 0). Nothing is stored: the schedule is
 restored with the scheduler on resume. gsam_rho_min = None keeps rho constant.
@@ -30,10 +32,10 @@ import math
 
 import torch
 
-from .. import ops
+from .common import perturbed, pick, projection
 from .registry import register
 
-PAPER = {
+GSAM_PAPER = {
     "title": "Surrogate Gap Minimization Improves Sharpness-Aware Training",
     "authors": "Juntang Zhuang, Boqing Gong, Liangzhe Yuan, Yin Cui, Hartwig Adam, Nicha Dvornek, Sekhar Tatikonda, "
                "James Duncan, Ting Liu",
@@ -49,27 +51,9 @@ PAPER = {
 }
 
 
-# ---- small vector helpers shared by the group-A variants (lists of tensors = one flat vector) -------
-def global_dot(a, b) -> torch.Tensor:
-    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync)."""
-    if not a:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
-
-
-def common(ctx, *lists):
-    """Indices of perturbed parameters for which every list has an entry."""
-    sel = ctx.selection.selected
-    return [i for i in range(len(ctx.params)) if sel[i] and all(x[i] is not None for x in lists)]
-
-
-def pick(values, idx):
-    return [values[i] for i in idx]
-
-
 # ---- the rho schedule ------------------------------------------------------------------------------
 def lr_floor_fraction(args) -> float:
-    """lr_min / lr_max of the run's schedule (0 unless lr_scheduler_kwargs says otherwise)."""
+    """lr_min / lr_max of a Trainer run's schedule (0 unless lr_scheduler_kwargs says otherwise)."""
     kw = getattr(args, "lr_scheduler_kwargs", None) or {}
     if isinstance(kw, str):  # an unparsed JSON string: no floor we can read
         return 0.0
@@ -83,17 +67,23 @@ def lr_floor_fraction(args) -> float:
     return 0.0
 
 
-def scheduled_rho(trainer, config) -> float:
-    """rho_t of GSAM: rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min), at least 0."""
+def scheduled_rho(ctx) -> float:
+    """rho_t of GSAM: rho_min + (rho - rho_min) * (lr_t - lr_min) / (lr_max - lr_min), at least 0.
+
+    lr_t and lr_max (`initial_lr`, set by any torch LR scheduler) come from the optimizer's first param
+    group; lr_min from the Trainer's `lr_scheduler_kwargs` (0 outside the Trainer).
+    """
+    config = ctx.config
     rho, rho_min = config.rho, config.gsam_rho_min
     if rho_min is None or rho_min == rho:
         return rho
-    group = trainer.optimizer.param_groups[0]
-    peak = float(group.get("initial_lr", trainer.args.learning_rate))
+    args = getattr(ctx.trainer, "args", None)
+    group = ctx.optimizer.param_groups[0]
     lr = float(group["lr"])
+    peak = float(group.get("initial_lr", args.learning_rate if args is not None else lr))
     if peak <= 0:
         return rho
-    fraction, floor = lr / peak, lr_floor_fraction(trainer.args)
+    fraction, floor = lr / peak, lr_floor_fraction(args) if args is not None else 0.0
     if not math.isfinite(fraction) or 1.0 - floor <= 0:
         return rho
     return max(0.0, rho_min + (rho - rho_min) * (fraction - floor) / (1.0 - floor))
@@ -108,17 +98,16 @@ def check(config) -> None:
 def gsam(ctx):
     cfg = ctx.config
     g = ctx.grad()                                         # clean pass at w
-    e = ctx.ascent(g, rho=scheduled_rho(ctx.trainer, cfg))  # rho_t g / ||g||
+    e = ctx.ascent(g, rho=scheduled_rho(ctx))              # rho_t g / ||g||
     g_adv = ctx.grad(at=e, release=True)                   # pass at w + e (e freed once applied)
     alpha = cfg.gsam_alpha
-    idx = common(ctx, g, g_adv)
+    idx = perturbed(ctx, g, g_adv)
     if idx and alpha != 0:
         gc, ga = pick(g, idx), pick(g_adv, idx)
-        n = ops.global_norm(ga) + cfg.eps
-        c = global_dot(gc, ga) / (n * n)                   # g_par = c * g_adv
+        c = projection(gc, ga, cfg.eps)                    # g_par = c * g_adv,  g_perp = g - g_par
         torch._foreach_mul_(ga, 1.0 + alpha * c)           # g_adv + alpha * g_par
         torch._foreach_add_(ga, gc, alpha=-alpha)          # ... - alpha * g  =  g_adv - alpha * g_perp
     ctx.set_final(g_adv)
 
 
-register("gsam", paper=PAPER, check=check)(gsam)
+register("gsam", paper=GSAM_PAPER, check=check)(gsam)

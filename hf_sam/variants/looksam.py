@@ -24,10 +24,10 @@ rho 0.3; unverified against the paper). Cost: 2 passes on refresh steps, 1 pass 
 import torch
 
 from .. import ops
-from .gsam import common, global_dot, pick
+from .common import orthogonal_part, perturbed, pick, place
 from .registry import register
 
-PAPER = {
+LOOKSAM_PAPER = {
     "title": "Towards Efficient and Scalable Sharpness-Aware Minimization",
     "authors": "Yong Liu, Siqi Mai, Xiangning Chen, Cho-Jui Hsieh, Yang You",
     "venue": "CVPR 2022",
@@ -45,29 +45,24 @@ PAPER = {
 
 def looksam(ctx):
     cfg, state = ctx.config, ctx.state
-    step = ctx.trainer.state.global_step
+    step = ctx.global_step
     g_v = state.get("looksam_gv")
     g = ctx.grad()                                            # clean pass at w
     if g_v is None or step % cfg.looksam_k == 0:
         e = ctx.ascent(g)                                     # rho * g / ||g|| (g kept)
         g_s = ctx.grad(at=e, release=True)                    # pass at w + e (e freed once applied)
-        idx = common(ctx, g, g_s)
-        gc, gs = pick(g, idx), pick(g_s, idx)
-        n = ops.global_norm(gc) + cfg.eps
-        new = torch._foreach_mul(gc, -global_dot(gc, gs) / (n * n))
-        torch._foreach_add_(new, gs)                          # g_v = g_s - (g . g_s) / ||g||^2 g
+        idx = perturbed(ctx, g, g_s)
+        new = orthogonal_part(pick(g_s, idx), pick(g, idx), cfg.eps)  # g_v = g_s - (g . g_s) / ||g||^2 g
         ops.zero_nonfinite_(new)                              # an fp16 overflow must not stick in g_v
         if g_v is not None and state.get("looksam_step") == step:
             for i, x in zip(idx, new):                        # later micro-batch of the refresh step
                 g_v[i] = x if g_v[i] is None else g_v[i].add_(x)
         else:
-            g_v = [None] * len(ctx.params)
-            for i, x in zip(idx, new):
-                g_v[i] = x
+            g_v = place(idx, new, len(ctx.params))
             state["looksam_gv"], state["looksam_step"] = g_v, step
         ctx.set_final(g_s)                                    # descend with g_s
         return
-    idx = common(ctx, g, g_v)
+    idx = perturbed(ctx, g, g_v)
     if idx:
         gc, gv = pick(g, idx), pick(g_v, idx)
         scale = cfg.looksam_alpha * ops.global_norm(gc) / (ops.global_norm(gv) + cfg.eps)
@@ -75,4 +70,4 @@ def looksam(ctx):
     ctx.set_final(g)                                          # one pass in all
 
 
-register("looksam", paper=PAPER)(looksam)
+register("looksam", paper=LOOKSAM_PAPER)(looksam)

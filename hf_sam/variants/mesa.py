@@ -91,8 +91,8 @@ def ema_logits(trainer, inputs) -> torch.Tensor:
 def mesa(ctx):
     trainer, cfg = ctx.trainer, ctx.config
     init_ema(trainer)
-    lam = 0.3 if cfg.saf_lambda is None else float(cfg.saf_lambda)
-    active = current_epoch(trainer) > cfg.saf_start and lam != 0
+    lam = float(cfg.saf_lambda)
+    active = current_epoch(ctx) > cfg.saf_start and lam != 0
 
     def hook(compute, model, inputs, num_items_in_batch):
         ref = ema_logits(trainer, inputs) if active else None

@@ -30,9 +30,10 @@ import inspect
 import torch
 from transformers import Trainer
 
+from .common import base_optimizer
 from .registry import register
 
-PAPER = {
+MSAM_PAPER = {
     "title": "Momentum-SAM: Sharpness Aware Minimization without Computational Overhead",
     "authors": "Marlon Becker, Frederick Altrock, Benjamin Risse",
     "venue": "arXiv 2024",
@@ -52,11 +53,7 @@ _HINT = ("Use an optimizer with momentum: optim='sgd' with optim_args='momentum=
 
 
 def _settings(trainer):
-    """(optimizer class, its effective hyper-parameters) before or after the optimizer exists."""
-    opt = trainer.optimizer
-    if opt is not None:
-        inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer
-        return type(inner), dict(inner.defaults)
+    """(optimizer class, its effective hyper-parameters) of the optimizer the Trainer will build."""
     given = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if given is not None:
         cls, kwargs = given
@@ -76,30 +73,44 @@ def _settings(trainer):
     return cls, merged
 
 
-def check_optimizer(trainer) -> None:
-    """Refuse, before training, an optimizer that keeps no momentum for MSAM to follow."""
-    cls, hp = _settings(trainer)
-    if cls is None:
-        return
-    name = cls.__name__
-    if "momentum" in hp and not isinstance(hp.get("betas"), (tuple, list)):
-        if not hp["momentum"]:
-            raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum, but {name} has "
-                             f"momentum={hp['momentum']} and keeps none. {_HINT}")
-        return
+def _momentum_setting(hp):
+    """(name, value) of the hyper-parameter that decides whether the optimizer keeps momentum, or None."""
     betas = hp.get("betas")
     if isinstance(betas, (tuple, list)) and betas:
-        if not betas[0]:
-            raise ValueError(f"variant='msam' perturbs along the first moment, but {name} has betas[0]="
-                             f"{betas[0]} and keeps none. {_HINT}")
-        return
+        return "betas[0]", betas[0]                       # Adam family: first moment
+    if "momentum" in hp:
+        return "momentum", hp["momentum"]                 # SGD family: momentum buffer
     if "beta1" in hp:
-        if not hp["beta1"]:
-            raise ValueError(f"variant='msam' perturbs along the first moment, but {name} has beta1={hp['beta1']} "
-                             f"and keeps none. {_HINT}")
+        return "beta1", hp["beta1"]                       # e.g. Adafactor
+    return None
+
+
+def _check(cls, hp) -> None:
+    """Refuse an optimizer class with hyper-parameters `hp` that keeps no momentum for MSAM to follow."""
+    setting = _momentum_setting(hp)
+    if setting is None:
+        raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum ({' or '.join(MOMENTUM_KEYS)}), "
+                         f"but {cls.__name__} keeps no momentum state. {_HINT}")
+    name, value = setting
+    if not value:
+        raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum, but {cls.__name__} has "
+                         f"{name}={value} and keeps none. {_HINT}")
+
+
+def check_optimizer(optimizer) -> None:
+    """Refuse a built optimizer (wrappers looked through) that keeps no momentum."""
+    inner = base_optimizer(optimizer)
+    _check(type(inner), dict(inner.defaults))
+
+
+def on_setup(trainer) -> None:
+    """Refuse, before training, an optimizer that keeps no momentum for MSAM to follow."""
+    if trainer.optimizer is not None:
+        check_optimizer(trainer.optimizer)
         return
-    raise ValueError(f"variant='msam' perturbs along the base optimizer's momentum ({' or '.join(MOMENTUM_KEYS)}), "
-                     f"but {name} keeps no momentum state. {_HINT}")
+    cls, hp = _settings(trainer)
+    if cls is not None:
+        _check(cls, hp)
 
 
 def momentum(ctx):
@@ -108,7 +119,7 @@ def momentum(ctx):
         m = ctx.optimizer_state(key)
         if any(x is not None for x in m):
             return m
-    if any(ctx.trainer.optimizer.state.get(p) for p in ctx.params):
+    if any(ctx.optimizer.state.get(p) for p in ctx.params):
         raise RuntimeError(f"variant='msam': the optimizer's state has none of {', '.join(MOMENTUM_KEYS)}. {_HINT}")
     return m
 
@@ -123,4 +134,4 @@ def msam(ctx):
     ctx.grad(at=e, final=True, release=True)                # the one pass, at w - rho m / ||m||
 
 
-register("msam", passes=1, paper=PAPER, on_setup=check_optimizer)(msam)
+register("msam", passes=1, paper=MSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(msam)

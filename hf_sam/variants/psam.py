@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .common import base_optimizer
 from .registry import register
 
 PSAM_PAPER = {
@@ -45,23 +46,16 @@ PSAM_PAPER = {
 ADAM_OPTIM_NAMES = ("adamw_torch", "adamw_torch_fused")
 
 
-def _is_adam(optimizer) -> bool:
-    opt = optimizer
-    for _ in range(3):  # AcceleratedOptimizer -> torch optimizer
-        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-            return True
-        opt = getattr(opt, "optimizer", None)
-        if opt is None:
-            return False
-    return False
+def check_optimizer(optimizer) -> None:
+    """Refuse a built optimizer that is not torch Adam/AdamW (wrappers such as accelerate's are looked through)."""
+    if not isinstance(base_optimizer(optimizer), (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(f"variant='psam' preconditions the ascent with Adam's second moment, but the optimizer is "
+                         f"{type(optimizer).__name__}. Use torch.optim.Adam/AdamW (optim='adamw_torch').")
 
 
 def on_setup(trainer):
-    opt = trainer.optimizer
-    if opt is not None:
-        if not _is_adam(opt):
-            raise ValueError(f"variant='psam' preconditions the ascent with Adam's second moment, but the optimizer is "
-                             f"{type(opt).__name__}. Use torch.optim.Adam/AdamW (optim='adamw_torch').")
+    if trainer.optimizer is not None:
+        check_optimizer(trainer.optimizer)
         return
     cls_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if cls_kwargs is not None:
@@ -77,7 +71,7 @@ def on_setup(trainer):
 
 def precondition(ctx, g):
     """u = g / (sqrt(v_hat) + eps) for the selected parameters with a gradient; None if some lack state."""
-    opt = ctx.trainer.optimizer
+    opt = ctx.optimizer
     state = opt.state
     group_of = {}
     for group in opt.param_groups:
@@ -117,4 +111,4 @@ def psam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + rho u / ||u||
 
 
-register("psam", paper=PSAM_PAPER, on_setup=on_setup)(psam)
+register("psam", paper=PSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(psam)

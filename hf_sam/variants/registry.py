@@ -1,4 +1,8 @@
-"""The variant registry: a name -> a short step function of a StepContext, plus its metadata."""
+"""The variant registry: a name -> a step function of a StepContext, plus its metadata.
+
+SAMConfig validation, SAMTrainer and hf_sam.SAM look variants up here (`get_variant`); every module
+of hf_sam.variants registers its own on import, and users add theirs with `@register("name")`.
+"""
 
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,17 +18,22 @@ def _no_check(config) -> None:
 class Variant:
     """One algorithm of the SAM family.
 
-    step: `step(ctx)` drives a StepContext (see hf_sam.step) for one micro-batch.
-    passes: forward+backward passes per micro-batch on a sharpness-aware step (FLOP accounting,
-        docs); a step may report fewer through `ctx.passes`.
+    step: `step(ctx)` drives a StepContext (see hf_sam.step) for one micro-batch; it reads the step
+        through ctx's properties (global_step, seed, optimizer, ...), which every front-end provides.
+    passes: forward+backward passes per micro-batch on a sharpness-aware step, as documented (read by
+        scripts/bench.py; the FLOP count uses the passes each micro-batch actually ran, `ctx.passes`).
     adaptive: the ascent is ASAM-adaptive whatever `SAMConfig.adaptive` says.
     uses_rho: rho = 0 turns the variant into the stock Trainer step.
-    paper: {"title", "authors", "venue", "arxiv", "bibtex"} for cards and docs.
-    check: `check(config)` raises ValueError for settings the variant cannot accept.
-    hooks: optional context-manager factories `hook(trainer)` the trainer enters around
+    paper: {"title", "authors", "venue", "arxiv", "bibtex"} for the model card (`<NAME>_PAPER` constants).
+    check: `check(config)` raises ValueError for settings the variant cannot accept (SAMConfig.validate).
+    hooks: optional context-manager factories `hook(trainer)` SAMTrainer enters around
         "evaluate" (evaluate/predict) and "save_model" (e.g. to swap in averaged weights).
-    on_setup: optional `on_setup(trainer)` run once in SAMTrainer.__init__ (check the setup, e.g.
-        the optimizer type or dataset columns, and raise ValueError before training starts).
+    on_setup: optional `on_setup(trainer)` SAMTrainer runs once per variant when it is configured
+        (check the setup, e.g. the optimizer type or dataset columns, add callbacks; raise ValueError
+        before training starts).
+    trainer_only: the step needs SAMTrainer: it reads `ctx.trainer`, or runs a pass with a
+        `loss_hook` (only the Trainer front-end runs those). hf_sam.SAM refuses such variants, and
+        those with `hooks` or `on_setup`.
     """
 
     name: str
@@ -36,12 +45,18 @@ class Variant:
     check: Callable = _no_check
     hooks: dict = field(default_factory=dict)
     on_setup: Callable | None = None
+    trainer_only: bool = False
+    check_optimizer: Callable | None = None
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
-             on_setup: Callable | None = None, replace: bool = False):
-    """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable."""
+             on_setup: Callable | None = None, trainer_only: bool = False,
+             check_optimizer: Callable | None = None, replace: bool = False):
+    """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable.
+
+    The keyword arguments are the Variant fields above; replace=True overrides a registered name.
+    """
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"variant name must be a non-empty identifier, got {name!r}")
 
@@ -50,13 +65,15 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
             raise ValueError(f"variant {name!r} is already registered; pass replace=True to override it")
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
                                   paper=dict(paper or {}), check=check or _no_check,
-                                  hooks=dict(hooks or {}), on_setup=on_setup)
+                                  hooks=dict(hooks or {}), on_setup=on_setup,
+                                  trainer_only=trainer_only, check_optimizer=check_optimizer)
         return fn
 
     return wrap
 
 
-def get(name: str) -> Variant:
+def get_variant(name: str) -> Variant:
+    """The registered variant `name`; ValueError listing the registered names otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:

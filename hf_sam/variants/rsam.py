@@ -18,14 +18,14 @@ the noise norm grows like sigma * sqrt(#parameters)). The ascent part uses `ctx.
 `adaptive` and `rho_scaling` apply to it as to SAM.
 
 No pass runs at w, so the loss the Trainer reports is the descent pass's L(w + e).
-Noise: a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
-`hf_sam.variants.universal.noise_seed`. Cost: 2 sequential passes; buffers delta, e, snapshot of w.
+Noise: a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
+`hf_sam.variants.common.noise_seed`. Cost: 2 sequential passes; buffers delta, e, snapshot of w.
 """
 
 import torch
 
 from .registry import register
-from .universal import Noise, named_order
+from .common import Noise, random_perturbation
 
 RSAM_PAPER = {
     "title": "Random Sharpness-Aware Minimization",
@@ -48,10 +48,7 @@ def rsam(ctx):
         delta = None
     else:
         noise = Noise(ctx)
-        delta = [None] * len(ctx.params)
-        for i in named_order(ctx):
-            if ctx.selection.selected[i]:
-                delta[i] = noise.normal(ctx.params[i]).mul_(sigma)
+        delta = random_perturbation(ctx, lambda p: noise.normal(p).mul_(sigma))
     g = ctx.grad(at=delta)                      # pass at the noisy point w + delta
     e = ctx.ascent(g, inplace=True)             # rho * g~ / ||g~||
     if delta is not None:

@@ -19,8 +19,8 @@ is averaged once.
 
 Defaults: alpha = 0.5, gamma = 0.01 (CIFAR). alpha = 0 or gamma = 0 gives the stock step. rho is not
 used. Noise is drawn only for the selected parameters (`perturb`), in `model.named_parameters()` order,
-from a `torch.Generator` seeded from (args.seed, global_step, micro-step, rank); see
-`hf_sam.variants.universal.noise_seed`.
+from a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
+`hf_sam.variants.common.noise_seed`.
 
 Cost: 2 sequential passes (the paper's speed-up needs two devices); buffers: the clean gradient, the
 noise and the snapshot of w.
@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from .registry import register
-from .universal import Noise, named_order
+from .common import Noise, random_perturbation, refuse_ascent_shaping
 
 RWP_PAPER = {
     "title": "Efficient Generalization Improvement Guided by Random Weight Perturbation",
@@ -65,22 +65,14 @@ def rwp(ctx):
         return
     g = ctx.grad()  # clean pass at w
     noise = Noise(ctx)
-    xi = [None] * len(ctx.params)
-    for i in named_order(ctx):
-        if ctx.selection.selected[i]:
-            xi[i] = filter_noise(noise, ctx.params[i], gamma)
+    xi = random_perturbation(ctx, lambda p: filter_noise(noise, p, gamma))
     gn = ctx.grad(at=xi)  # noisy pass at w + xi
     d = ops.mix(g, gn, alpha)  # (1 - alpha) * g + alpha * g_noisy
     ctx.set_final(d)
 
 
 def _check(config):
-    if config.adaptive:
-        raise ValueError("adaptive has no effect with variant='rwp' (its perturbation is random); "
-                         "remove adaptive=True.")
-    if config.rho_scaling != "none":
-        raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant='rwp'; "
-                         "use rho_scaling='none'.")
+    refuse_ascent_shaping(config, "its perturbation is random")
 
 
 register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)

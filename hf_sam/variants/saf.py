@@ -38,6 +38,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from .common import refuse_ascent_shaping
 from .registry import register
 
 SAF_PAPER = {
@@ -59,9 +60,9 @@ BANK = "saf_bank"
 
 
 # ---- shared with MESA --------------------------------------------------------------------------
-def current_epoch(trainer) -> int:
+def current_epoch(ctx) -> int:
     """0-based index of the epoch the current step belongs to."""
-    return int(math.floor((trainer.state.epoch or 0.0) + 1e-9))
+    return int(math.floor(ctx.epoch + 1e-9))
 
 
 def logits_of(outputs, variant) -> torch.Tensor:
@@ -97,8 +98,7 @@ def check_trajectory_config(name):
         if config.interval != 1 or config.start != 0.0 or config.end != 1.0:
             raise ValueError(f"variant={name!r} adds a loss term on every step; interval, start and end do not apply "
                              f"(got interval={config.interval}, start={config.start}, end={config.end}).")
-        if config.adaptive or config.rho_scaling != "none":
-            raise ValueError(f"variant={name!r} does not perturb the weights; adaptive and rho_scaling do not apply.")
+        refuse_ascent_shaping(config, "it does not perturb the weights")
     return check
 
 
@@ -161,9 +161,9 @@ def _bank(ctx, rows_needed, classes, slots):
 
 def saf(ctx):
     trainer, cfg = ctx.trainer, ctx.config
-    lam = 0.16 if cfg.saf_lambda is None else float(cfg.saf_lambda)
+    lam = float(cfg.saf_lambda)
     lag = int(cfg.saf_lag)
-    epoch = current_epoch(trainer)
+    epoch = current_epoch(ctx)
     active = epoch > cfg.saf_start and epoch >= lag
 
     def hook(compute, model, inputs, num_items_in_batch):

@@ -40,9 +40,8 @@ the next one while a window accumulates) + one window of inputs.
 import torch
 
 from .. import ops
-
+from .common import base_optimizer, micro_step
 from .registry import register
-from .universal import micro_step
 
 SAMPA_PAPER = {
     "title": "SAMPa: Sharpness-aware Minimization Parallelized",
@@ -75,11 +74,8 @@ def _capture(box, replay=None):
 
 def _extrapolation(ctx, y_grad):
     """-(lr * (grad f(y) + momentum * buf + wd * x)) per selected parameter (the official y step)."""
-    opt = ctx.trainer.optimizer
-    inner = opt
-    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer
-        inner = inner.optimizer
-    sgd = isinstance(inner, torch.optim.SGD)
+    opt = ctx.optimizer
+    sgd = isinstance(base_optimizer(opt), torch.optim.SGD)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     out = [None] * len(ctx.params)
     with torch.no_grad():
@@ -97,33 +93,21 @@ def _extrapolation(ctx, y_grad):
     return out
 
 
-def sampa(ctx):
-    st, trainer = ctx.state, ctx.trainer
-    lam = float(ctx.config.sampa_lambda)
-    micro = micro_step(ctx)
-    last = micro == int(trainer.current_gradient_accumulation_steps or 1) - 1
-    step = int(trainer.state.global_step)
+def _open_window(ctx, micro) -> None:
+    """First micro-batch of a step: restart the sequence if the previous step was not a SAMPa step, and
+    open the accumulators of grad f(y_{t+1}) and of the window's inputs."""
+    st = ctx.state
     if micro == 0:
-        if st.get(STEP) != step - 1:  # fresh run, or the previous step was not a SAMPa step
+        if st.get(STEP) != ctx.global_step - 1:  # fresh run, or the previous step was not a SAMPa step
             for key in (Y_GRAD, INPUTS, STEP):
                 st.pop(key, None)
         st[NEXT_Y], st[NEXT_INPUTS] = None, []
-    y_grad = st.get(Y_GRAD)
-    previous = st.get(INPUTS) or []
-    seen = []
-    if y_grad is None:
-        # y_1 = x_0 and x~_0 = x_0: both gradients are the clean one (the stock step, one pass)
-        g_y = ctx.grad(loss_hook=_capture(seen))
-        ctx.set_final(g_y)
-    else:
-        replay = previous[micro] if micro < len(previous) else None
-        # rho grad f(y_t) / ||.||; handed over in backprop units so that the logged grad norm is right
-        unit = ctx.grad_unit()
-        e = ctx.ascent([None if y is None else y / unit for y in y_grad], inplace=True)
-        g_pert = ctx.grad(at=e, loss_hook=_capture([], replay))              # grad f(x~_t), previous batch
-        g_y = ctx.grad(at=_extrapolation(ctx, y_grad), loss_hook=_capture(seen))  # grad f(y_{t+1})
-        ctx.set_final(ops.mix(g_pert, g_y, lam))  # (1 - lambda) grad f(x~_t) + lambda grad f(y_{t+1})
-    # accumulate grad f(y_{t+1}) over the window, unscaled (fp16 loss scale removed)
+
+
+def _carry(ctx, g_y, inputs, last) -> None:
+    """Add grad f(y_{t+1}) of this micro-batch to the window's sum (unscaled: fp16 loss scale removed);
+    at the window's end the sum becomes grad f(y) of the next step, with the inputs it came from."""
+    st = ctx.state
     inv = ctx.inverse_loss_scale()
     acc = st.get(NEXT_Y)
     if acc is None:
@@ -131,9 +115,39 @@ def sampa(ctx):
     else:
         acc = [a if g is None else ((g * inv) if a is None else a.add_(g * inv)) for a, g in zip(acc, g_y)]
     st[NEXT_Y] = acc
-    st[NEXT_INPUTS].append(seen[-1])
+    st[NEXT_INPUTS].append(inputs)
     if last:
-        st[Y_GRAD], st[INPUTS], st[STEP] = st.pop(NEXT_Y), st.pop(NEXT_INPUTS), step
+        st[Y_GRAD], st[INPUTS], st[STEP] = st.pop(NEXT_Y), st.pop(NEXT_INPUTS), ctx.global_step
 
 
-register("sampa", paper=SAMPA_PAPER)(sampa)
+def first_step(ctx, seen):
+    """y_1 = x_0 and x~_0 = x_0: both gradients are the clean one (the stock step, one pass)."""
+    g_y = ctx.grad(loss_hook=_capture(seen))
+    ctx.set_final(g_y)
+    return g_y
+
+
+def sampa_step(ctx, y_grad, replay, seen):
+    """The SAMPa step from grad f(y_t); returns grad f(y_{t+1})."""
+    lam = float(ctx.config.sampa_lambda)
+    unit = ctx.grad_unit()  # grad f(y_t) is stored unscaled; the ascent reads backprop units (logged norm)
+    e = ctx.ascent([None if y is None else y / unit for y in y_grad], inplace=True)  # rho grad f(y_t) / ||.||
+    g_pert = ctx.grad(at=e, loss_hook=_capture([], replay))                 # grad f(x~_t), previous batch
+    g_y = ctx.grad(at=_extrapolation(ctx, y_grad), loss_hook=_capture(seen))  # grad f(y_{t+1}), this batch
+    ctx.set_final(ops.mix(g_pert, g_y, lam))  # (1 - lambda) grad f(x~_t) + lambda grad f(y_{t+1})
+    return g_y
+
+
+def sampa(ctx):
+    micro = micro_step(ctx)
+    _open_window(ctx, micro)
+    y_grad, previous, seen = ctx.state.get(Y_GRAD), ctx.state.get(INPUTS) or [], []
+    if y_grad is None:
+        g_y = first_step(ctx, seen)
+    else:
+        g_y = sampa_step(ctx, y_grad, previous[micro] if micro < len(previous) else None, seen)
+    _carry(ctx, g_y, seen[-1], last=micro == ctx.accumulation_steps - 1)
+
+
+# The passes replay the previous window's inputs through a loss hook, which only the Trainer runs.
+register("sampa", trainer_only=True, paper=SAMPA_PAPER)(sampa)

@@ -22,11 +22,13 @@ first micro-batch of that step:
   int((N - N s)(1 - d_t)) live entries by |g| (this micro-batch's clean gradient), regrow
   int(min((N - N s) d_t, N s)) dead entries at random. The ascent of the refresh micro-batch uses
   the previous mask (official order: update after the ascent).
-Random draws come from a private generator seeded with `args.seed` (state saved), over the
-perturbed tensors concatenated in the optimizer's parameter order.
+Random draws (SSAM-D) come from the micro-batch's private generator (hf_sam.variants.common.Noise,
+the same on every process), over the perturbed tensors concatenated in the optimizer's parameter
+order. `fisher_mask` and `dynamic_mask` are the two mask rules; `ssam` is the step around them.
 
-The mask (bool, one byte per coordinate), the generator and the step of the last refresh are
-saved in the checkpoint. sparsity = 0 is SAM (no mask is built).
+The mask (bool, one byte per coordinate) and the step of the last refresh are saved in the
+checkpoint. sparsity = 0 is SAM (no mask is built). SSAM-F needs the Trainer (its single-sample
+passes go through the Trainer's loss), so hf_sam.SAM refuses `ssam`.
 
 Defaults: sparsity 0.5, fisher, N_s 16 (README CIFAR: s 0.5, N_s 16, refresh every epoch; CLI:
 s 0.2, N_s 1024, every 5 epochs), drop rate 0.5, interval 100 optimizer steps. Cost: 2 passes
@@ -41,11 +43,10 @@ import torch
 
 from .. import ops
 from ..losses import batch_size, select_samples
-from .esam import generator
-from .gsam import pick
+from .common import Noise, pick, place
 from .registry import register
 
-PAPER = {
+SSAM_PAPER = {
     "title": "Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach",
     "authors": "Peng Mi, Li Shen, Tianhe Ren, Yiyi Zhou, Xiaoshuai Sun, Rongrong Ji, Dacheng Tao",
     "venue": "NeurIPS 2022",
@@ -73,20 +74,23 @@ def _flat(tensors):
 
 
 def _fisher(ctx, params):
-    """sum_n grad(l_n)^2 over single-sample passes on the current micro-batch (fp32)."""
+    """sum_n grad(l_n)^2 over single-sample passes on the current micro-batch (fp32).
+
+    The passes run through the Trainer's loss on sub-batches, without gradient communication, with the
+    global RNG and the BatchNorm statistics put back afterwards and `.grad` untouched.
+    """
     trainer, model = ctx.trainer, ctx.model
     n = batch_size(ctx.inputs)
     count = min(ctx.config.ssam_fisher_samples, n)
-    if count < ctx.config.ssam_fisher_samples and not getattr(trainer, "_ssam_warned_samples", False):
-        trainer._ssam_warned_samples = True
+    if count < ctx.config.ssam_fisher_samples and "ssam_fisher_samples" not in ctx.front.flags:
+        ctx.front.flags.add("ssam_fisher_samples")
         warnings.warn(f"ssam_fisher_samples={ctx.config.ssam_fisher_samples} exceeds the micro-batch size {n}; "
-                      f"the Fisher mask uses the {count} samples of the micro-batch.", stacklevel=3)
+                      f"the Fisher mask uses the {count} samples of the micro-batch.", stacklevel=4)
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     bn = ops.snapshot(ctx.selection.batchnorms)
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    devices = [torch.cuda.current_device()] if cuda else []
+    rng = ops.rng_state()
     try:
-        with torch.random.fork_rng(devices=devices), trainer.accelerator.no_sync(model):
+        with ctx.no_sync():
             for j in range(count):
                 sample = trainer._prepare_inputs(select_samples(ctx.inputs, [j]))
                 with trainer.compute_loss_context_manager():
@@ -96,80 +100,92 @@ def _fisher(ctx, params):
                     if gr is not None:
                         f.addcmul_(gr.float(), gr.float())
     finally:
+        ops.set_rng_state(rng)
         ops.restore_(ctx.selection.batchnorms, bn)
     return fisher
 
 
 def _refresh_due(ctx):
-    state, step = ctx.state, ctx.trainer.state.global_step
-    return state.get("ssam_mask") is None or (step % ctx.config.ssam_update_interval == 0
-                                              and state.get("ssam_step") != step)
+    """Whether this micro-batch refreshes the mask (first use, or the first micro-batch of a due step)."""
+    state, step = ctx.state, ctx.global_step
+    due = state.get("ssam_mask") is None or (step % ctx.config.ssam_update_interval == 0
+                                             and state.get("ssam_step") != step)
+    if due:
+        state["ssam_step"] = step
+    return due
 
 
-def _dynamic_update(ctx, mask, g, idx, gen):
+def _dynamic_update(ctx, mask, g, idx, noise):
     """SSAM-D drop-and-grow from the clean gradient g (official `update_mask`)."""
-    cfg, trainer = ctx.config, ctx.trainer
+    cfg = ctx.config
     params = pick(ctx.params, idx)
     shapes = [tuple(p.shape) for p in params]
     live = _flat(pick(mask, idx))
     total = live.numel()
-    t, horizon = trainer.state.global_step, max(trainer.state.max_steps or 1, 1)
+    t, horizon = ctx.global_step, max(ctx.max_steps or 1, 1)
     rate = cfg.ssam_drop_rate * (1 + math.cos(math.pi * t / horizon)) / 2
     dense = total - total * cfg.ssam_sparsity
     grads = [g[i] if g[i] is not None else torch.zeros_like(ctx.params[i]) for i in idx]
     death = (_flat(grads).abs() + 1e-7) * live
     kept = _top_mask(death, int(dense * (1 - rate)), shapes)
-    growth = (torch.rand(total, generator=gen).to(live.device) + 1e-7) * (1 - live)
+    growth = (noise.rand(total).to(live.device) + 1e-7) * (1 - live)
     grown = _top_mask(growth, int(min(dense * rate, total * cfg.ssam_sparsity)), shapes)
     return [a | b for a, b in zip(kept, grown)]
 
 
+def fisher_mask(ctx, g, idx):
+    """SSAM-F: at a refresh, the top (1 - sparsity) Fisher scores; the new mask serves this step.
+
+    Returns (the mask of this ascent, None).
+    """
+    if _refresh_due(ctx):
+        params = pick(ctx.params, idx)
+        fisher = _flat(_fisher(ctx, params))
+        keep = int(fisher.numel() * (1 - ctx.config.ssam_sparsity))
+        ctx.state["ssam_mask"] = place(idx, _top_mask(fisher, keep, [tuple(p.shape) for p in params]),
+                                       len(ctx.params))
+    return ctx.state["ssam_mask"], None
+
+
+def dynamic_mask(ctx, g, idx):
+    """SSAM-D: a random start; at a refresh, drop by |g| and regrow at random.
+
+    Returns (the mask of this ascent, the refreshed mask that replaces it after the ascent or None).
+    """
+    refresh = _refresh_due(ctx)
+    noise = Noise(ctx, per_process=False)
+    if ctx.state.get("ssam_mask") is None:                     # random start: N - ceil(N s) live entries
+        params = pick(ctx.params, idx)
+        total = sum(p.numel() for p in params)
+        scores = noise.rand(total).to(params[0].device)
+        start = _top_mask(scores, total - math.ceil(total * ctx.config.ssam_sparsity),
+                          [tuple(p.shape) for p in params])
+        ctx.state["ssam_mask"] = place(idx, start, len(ctx.params))
+    mask = ctx.state["ssam_mask"]
+    return mask, (_dynamic_update(ctx, mask, g, idx, noise) if refresh else None)
+
+
+MASKS = {"fisher": fisher_mask, "dynamic": dynamic_mask}
+
+
 def ssam(ctx):
-    cfg, state = ctx.config, ctx.state
     g = ctx.grad()                                             # clean pass at w
-    if cfg.ssam_sparsity == 0:
+    if ctx.config.ssam_sparsity == 0:
         e = ctx.ascent(g, inplace=True)                        # every coordinate: SAM
         del g
         ctx.grad(at=e, final=True, release=True)
         return
     idx = [i for i, s in enumerate(ctx.selection.selected) if s]
-    params = pick(ctx.params, idx)
-    shapes = [tuple(p.shape) for p in params]
-    total = sum(p.numel() for p in params)
-    refresh = _refresh_due(ctx)
-    new_mask = None
-    if cfg.ssam_mask == "fisher":
-        if refresh:
-            fisher = _flat(_fisher(ctx, params))
-            new_mask = _top_mask(fisher, int(total * (1 - cfg.ssam_sparsity)), shapes)
-            del fisher
-    else:
-        gen = generator(state, "ssam_rng", ctx.trainer.args.seed)
-        if state.get("ssam_mask") is None:                     # random start: N - ceil(N s) live entries
-            scores = torch.rand(total, generator=gen).to(params[0].device)
-            start = _top_mask(scores, total - math.ceil(total * cfg.ssam_sparsity), shapes)
-            state["ssam_mask"] = [None] * len(ctx.params)
-            for i, m in zip(idx, start):
-                state["ssam_mask"][i] = m
-        if refresh:                                            # drop by |g|, regrow at random
-            new_mask = _dynamic_update(ctx, state["ssam_mask"], g, idx, gen)
-        state["ssam_rng"] = gen.get_state()
-    if new_mask is not None and cfg.ssam_mask == "fisher":     # Fisher: the new mask serves this step
-        state["ssam_mask"] = [None] * len(ctx.params)
-        for i, m in zip(idx, new_mask):
-            state["ssam_mask"][i] = m
-    if refresh:
-        state["ssam_step"] = ctx.trainer.state.global_step
-    mask = state["ssam_mask"]
+    mask, update = MASKS[ctx.config.ssam_mask](ctx, g, idx)
     e = ctx.ascent(g, inplace=True)                            # rho * g / ||g|| (norm of the unmasked g)
     on = [i for i in idx if e[i] is not None and mask[i] is not None]
     if on:
         torch._foreach_mul_(pick(e, on), [mask[i].to(e[i].device) for i in on])   # ... * mask
-    if new_mask is not None and cfg.ssam_mask == "dynamic":    # SSAM-D: the update follows the ascent
-        for i, m in zip(idx, new_mask):
+    if update is not None:                                     # SSAM-D: the update follows the ascent
+        for i, m in zip(idx, update):
             mask[i] = m
     del g
     ctx.grad(at=e, final=True, release=True)                   # descent at w + e
 
 
-register("ssam", paper=PAPER)(ssam)
+register("ssam", trainer_only=True, paper=SSAM_PAPER)(ssam)

@@ -30,17 +30,17 @@ the formulas above carry through linearly). Perturbations touch the selected par
 do not apply (the directions are random).
 
 Randomness: the noise of a micro-batch comes from a `torch.Generator` seeded with
-`noise_seed(args.seed, global_step, micro_step, process_index)` and is drawn parameter by parameter
+`hf_sam.variants.common.noise_seed(seed, global_step, micro_step, process_index)` and is drawn parameter by parameter
 in the order of `model.named_parameters()`, so runs are reproducible and resume exactly.
 
 Cost: 1 + n sequential passes per micro-batch; buffers g0, sum G_i (and sum L_i G_i for frobsam),
 the noise, and the snapshot of w.
 """
 
-import hashlib
-
 import torch
 
+from .. import ops
+from .common import Noise, named_order, place, random_perturbation, refuse_ascent_shaping
 from .registry import register
 
 UNIVERSAL_PAPER = {
@@ -57,72 +57,6 @@ UNIVERSAL_PAPER = {
 }""",
 }
 
-DEFAULT_SAMPLES = {"frobsam": 2, "detsam": 1, "tracesam": 1}
-DEFAULT_LAMBDA = {"frobsam": 0.005, "detsam": 1.0, "tracesam": 1.0}
-
-
-# ---- shared helpers for variants that draw random perturbations (also used by rsam, rwp) --------
-def micro_step(ctx) -> int:
-    """Index of this micro-batch inside its gradient-accumulation window (0-based)."""
-    cached = getattr(ctx, "_hf_sam_micro", None)
-    if cached is not None:
-        return cached
-    trainer = ctx.trainer
-    step = trainer.state.global_step
-    last = getattr(trainer, "_hf_sam_micro_counter", None)
-    idx = last[1] + 1 if last is not None and last[0] == step else 0
-    if idx >= int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1):
-        idx = 0  # a new train() call that starts at the step the previous one ended on
-    trainer._hf_sam_micro_counter = (step, idx)
-    ctx._hf_sam_micro = idx
-    return idx
-
-
-def noise_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
-    """Seed of the noise generator of one micro-batch: a hash of (seed, global_step, micro_step, rank)."""
-    digest = hashlib.sha256(f"hf_sam:{seed}:{step}:{micro}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def named_order(ctx) -> list[int]:
-    """Indices of ctx.params in the order of model.named_parameters() (the noise drawing order)."""
-    sel = ctx.selection
-    order = getattr(sel, "_hf_sam_named_order", None)
-    if order is None:
-        position = {id(p): k for k, (_, p) in enumerate(ctx.trainer.model.named_parameters())}
-        order = sorted(range(len(ctx.params)), key=lambda i: position.get(id(ctx.params[i]), len(position) + i))
-        sel._hf_sam_named_order = order
-    return order
-
-
-class Noise:
-    """Per-micro-batch random numbers from generators seeded by `noise_seed` (one per device)."""
-
-    def __init__(self, ctx):
-        trainer = ctx.trainer
-        self.seed = noise_seed(int(trainer.args.seed), int(trainer.state.global_step), micro_step(ctx),
-                               int(trainer.accelerator.process_index))
-        self._generators = {}
-
-    def generator(self, device) -> torch.Generator:
-        device = torch.device(device)
-        g = self._generators.get(device)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[device] = g
-        return g
-
-    def normal(self, p: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise of p's shape (drawn in fp32, returned in p's dtype)."""
-        z = torch.randn(p.shape, generator=self.generator(p.device), device=p.device, dtype=torch.float32)
-        return z.to(p.dtype)
-
-    def uniform(self, p: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        u = torch.rand(p.shape, generator=self.generator(p.device), device=p.device, dtype=torch.float32)
-        return ((high - low) * u + low).to(p.dtype)
-
-
 def loss_recorder(box: list):
     """A loss_hook that appends each pass's loss (as compute_loss returns it, detached, fp32) to box."""
 
@@ -134,81 +68,101 @@ def loss_recorder(box: list):
     return hook
 
 
-# ---- the variants ----------------------------------------------------------------------------------
-def _settings(ctx, kind):
-    cfg = ctx.config
-    n = cfg.universal_samples if cfg.universal_samples is not None else DEFAULT_SAMPLES[kind]
-    lam = cfg.universal_lambda if cfg.universal_lambda is not None else DEFAULT_LAMBDA[kind]
-    return n, float(lam), float(cfg.rho)
-
-
-def _sample(ctx, kind, noise, rho):
-    """One perturbation rho * s aligned with ctx.params (None where not perturbed)."""
-    out = [None] * len(ctx.params)
-    idx = [i for i in named_order(ctx) if ctx.selection.selected[i]]
-    if kind == "detsam":
-        h = float(ctx.config.detsam_half_cube)
-        for i in idx:
-            out[i] = noise.uniform(ctx.params[i], -h, h)
-    else:
-        for i in idx:
-            out[i] = noise.normal(ctx.params[i])
-    s = [out[i] for i in idx]
-    if kind == "tracesam" and s:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(s, 2, dtype=torch.float32)))
-        torch._foreach_div_(s, norm)
+def perturbation(ctx, draw, rho, unit_sphere=False):
+    """rho * s, s = draw(p) for the perturbed parameters (common.random_perturbation);
+    unit_sphere: s / ||s|| (one global norm). Aligned with ctx.params."""
+    out = random_perturbation(ctx, draw)
+    s = [out[i] for i in named_order(ctx) if out[i] is not None]
+    if unit_sphere and s:
+        torch._foreach_div_(s, ops.global_norm(s))
     if s:
         torch._foreach_mul_(s, rho)
     return out
 
 
-def _universal(ctx, kind):
-    n, lam, rho = _settings(ctx, kind)
+def _clean_pass(ctx):
+    """The pass at w: g0 (aligned with ctx.params), the indices with a gradient, the list of losses
+    (L0 first) and the hook that appends each later pass's loss to it."""
     losses = []
     record = loss_recorder(losses)
-    g0 = ctx.grad(loss_hook=record)  # clean pass at w
-    idx = [i for i, g in enumerate(g0) if g is not None]
+    g0 = ctx.grad(loss_hook=record)
+    return g0, [i for i, g in enumerate(g0) if g is not None], losses, record
+
+
+def _dense(grads, g0, idx):
+    """The gradients at idx, zeros where a pass produced none."""
+    return [grads[i] if grads[i] is not None else torch.zeros_like(g0[i]) for i in idx]
+
+
+def _descend(ctx, g0, idx, d):
+    ctx.set_final(place(idx, [x.to(g0[i].dtype) for i, x in zip(idx, d)], len(ctx.params)))
+
+
+def frobsam(ctx):
+    cfg = ctx.config
+    n, lam, rho = cfg.universal_samples, float(cfg.universal_lambda), float(cfg.rho)
     noise = Noise(ctx)
+    g0, idx, losses, record = _clean_pass(ctx)                              # L0, g0 at w
     g0s = [g0[i] for i in idx]
-    gsum = [torch.zeros_like(g) for g in g0s]
-    if kind == "frobsam":
-        cross = [torch.zeros_like(g) for g in g0s]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=losses[0].device)
-        for _ in range(n):
-            gi = ctx.grad(at=_sample(ctx, kind, noise, rho), loss_hook=record)
-            li = losses[-1]
-            gs = [gi[i] if gi[i] is not None else torch.zeros_like(g0[i]) for i in idx]
-            torch._foreach_add_(cross, torch._foreach_mul(gs, li))
-            torch._foreach_add_(gsum, gs)
-            loss_sum = loss_sum + li
-        # d = g0 + lam/rho^2 * (cross/(n-1) - loss_sum/(n-1) * gsum/n)
-        torch._foreach_mul_(gsum, loss_sum / n)
-        torch._foreach_sub_(cross, gsum)
-        torch._foreach_mul_(cross, lam / (rho ** 2) / (n - 1))
-        d = torch._foreach_add(g0s, cross)
-    else:
-        l0 = losses[0]
-        cum = torch.zeros((), dtype=torch.float32, device=l0.device)
-        for _ in range(n):
-            gi = ctx.grad(at=_sample(ctx, kind, noise, rho), loss_hook=record)
-            x = (losses[-1] - l0) / (rho ** 2)
-            if kind == "detsam":
-                psi = torch.exp(-x / 2.0)
-                psi_p = -0.5 * psi
-            else:
-                psi, psi_p = x, torch.ones_like(x)
-            cum = cum + psi / n
-            gs = [gi[i] if gi[i] is not None else torch.zeros_like(g0[i]) for i in idx]
-            diff = torch._foreach_sub(gs, g0s)
-            torch._foreach_mul_(diff, psi_p / n)
-            torch._foreach_add_(gsum, diff)
-        phi_p = -2.0 / cum ** 3 if kind == "detsam" else torch.ones_like(cum)
-        torch._foreach_mul_(gsum, lam * phi_p)
-        d = torch._foreach_add(g0s, gsum)
-    out = [None] * len(ctx.params)
-    for i, x in zip(idx, d):
-        out[i] = x.to(g0[i].dtype)
-    ctx.set_final(out)
+    gsum = [torch.zeros_like(g) for g in g0s]                               # sum_i G_i
+    cross = [torch.zeros_like(g) for g in g0s]                              # sum_i L_i G_i
+    loss_sum = torch.zeros((), dtype=torch.float32, device=losses[0].device)
+    for _ in range(n):
+        s = perturbation(ctx, noise.normal, rho)                            # rho s_i, s_i ~ N(0, I)
+        gi = _dense(ctx.grad(at=s, loss_hook=record), g0, idx)              # G_i, L_i at w + rho s_i
+        torch._foreach_add_(cross, torch._foreach_mul(gi, losses[-1]))
+        torch._foreach_add_(gsum, gi)
+        loss_sum = loss_sum + losses[-1]
+    # d = g0 + lam/rho^2 * (cross/(n-1) - loss_sum/(n-1) * gsum/n)
+    torch._foreach_mul_(gsum, loss_sum / n)
+    torch._foreach_sub_(cross, gsum)
+    torch._foreach_mul_(cross, lam / (rho ** 2) / (n - 1))
+    _descend(ctx, g0, idx, torch._foreach_add(g0s, cross))
+
+
+def _weighted_differences(ctx, draw, psi, unit_sphere=False):
+    """Shared by Det-SAM and Trace-SAM: x_i = (L_i - L0) / rho^2 for n samples rho s_i, s_i = draw(p).
+
+    Returns g0 (aligned), idx (parameters with a clean gradient), (1/n) sum_i psi(x_i) and
+    sum_i psi'(x_i) / n * (G_i - g0) (at idx), where psi(x) -> (psi(x), psi'(x)).
+    """
+    cfg = ctx.config
+    n, rho = cfg.universal_samples, float(cfg.rho)
+    noise = Noise(ctx)
+    g0, idx, losses, record = _clean_pass(ctx)                              # L0, g0 at w
+    g0s = [g0[i] for i in idx]
+    total = [torch.zeros_like(g) for g in g0s]
+    mean_psi = torch.zeros((), dtype=torch.float32, device=losses[0].device)
+    for _ in range(n):
+        s = perturbation(ctx, draw(noise), rho, unit_sphere)
+        gi = _dense(ctx.grad(at=s, loss_hook=record), g0, idx)              # G_i, L_i at w + rho s_i
+        value, slope = psi((losses[-1] - losses[0]) / (rho ** 2))
+        mean_psi = mean_psi + value / n
+        diff = torch._foreach_sub(gi, g0s)
+        torch._foreach_mul_(diff, slope / n)
+        torch._foreach_add_(total, diff)
+    return g0, idx, mean_psi, total
+
+
+def detsam(ctx):
+    cfg = ctx.config
+    h, lam = float(cfg.detsam_half_cube), float(cfg.universal_lambda)
+
+    def psi(x):                                                             # psi(x) = exp(-x/2)
+        value = torch.exp(-x / 2.0)
+        return value, -0.5 * value
+
+    g0, idx, mean_psi, total = _weighted_differences(ctx, lambda noise: lambda p: noise.uniform(p, -h, h), psi)
+    torch._foreach_mul_(total, lam * (-2.0 / mean_psi ** 3))               # lambda phi'(mean psi), phi'(y) = -2/y^3
+    _descend(ctx, g0, idx, torch._foreach_add([g0[i] for i in idx], total))
+
+
+def tracesam(ctx):
+    lam = float(ctx.config.universal_lambda)
+    g0, idx, _, total = _weighted_differences(ctx, lambda noise: noise.normal, lambda x: (x, torch.ones_like(x)),
+                                              unit_sphere=True)            # s_i on the unit sphere, psi = id
+    torch._foreach_mul_(total, lam)                                         # phi' = 1
+    _descend(ctx, g0, idx, torch._foreach_add([g0[i] for i in idx], total))
 
 
 def _check(kind):
@@ -217,27 +171,11 @@ def _check(kind):
         if kind == "frobsam" and n is not None and n < 2:
             raise ValueError(f"universal_samples={n} is out of range for variant 'frobsam'; allowed: an integer >= 2 "
                              "(Frob-SAM estimates a covariance from the samples).")
-        if config.adaptive:
-            raise ValueError(f"adaptive has no effect with variant={kind!r} (its perturbations are random); "
-                             "remove adaptive=True.")
-        if config.rho_scaling != "none":
-            raise ValueError(f"rho_scaling={config.rho_scaling!r} has no effect with variant={kind!r} "
-                             "(its perturbations are random); use rho_scaling='none'.")
+        refuse_ascent_shaping(config, "its perturbations are random")
     return check
 
 
-def frobsam(ctx):
-    _universal(ctx, "frobsam")
-
-
-def detsam(ctx):
-    _universal(ctx, "detsam")
-
-
-def tracesam(ctx):
-    _universal(ctx, "tracesam")
-
-
-register("frobsam", passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"))(frobsam)
-register("detsam", passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"))(detsam)
-register("tracesam", passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"))(tracesam)
+# The loss of every pass is read through a loss hook, which only the Trainer front-end runs.
+register("frobsam", trainer_only=True, passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"))(frobsam)
+register("detsam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"))(detsam)
+register("tracesam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"))(tracesam)

@@ -86,12 +86,6 @@ class WASAMCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._wasam_training = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._wasam_training = False
-
     def on_step_end(self, args, state, control, **kwargs):
         # Runs before the step's checkpoint is written, so a checkpoint always holds the average of the
         # steps before it (averaging in on_epoch_end would miss an epoch-end checkpoint).
@@ -168,8 +162,7 @@ def use_average(trainer):
     bns = _batchnorms(trainer.model)
     bn_buffers = [t for m in bns for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
     bn_saved = ops.snapshot(bn_buffers)
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = ops.rng_state()  # the BatchNorm pass must not move the training RNG
     try:
         with torch.no_grad():
             for p, a in zip(params, st[AVG]):
@@ -180,9 +173,7 @@ def use_average(trainer):
     finally:
         ops.restore_(params, saved)
         ops.restore_(bn_buffers, bn_saved)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        ops.set_rng_state(rng)
 
 
 @contextmanager
@@ -193,7 +184,7 @@ def _evaluate_hook(trainer):
 
 @contextmanager
 def _save_hook(trainer):
-    if getattr(trainer, "_wasam_training", False):  # a checkpoint: keep the training weights for resume
+    if trainer.is_in_train:  # a checkpoint: keep the training weights for resume
         yield
         return
     with use_average(trainer):
@@ -201,7 +192,6 @@ def _save_hook(trainer):
 
 
 def on_setup(trainer):
-    trainer._wasam_training = False
     trainer.add_callback(WASAMCallback(trainer))
 
 

@@ -1,0 +1,271 @@
+"""Supervised fine-tuning (SFT) of a chat model with TRL's SFTTrainer made sharpness-aware by hf_sam.
+
+Its default job (configs/sft_pydoc.yaml, read when no --config is given) builds a small Llama-style
+causal LM from a config and a byte-level BPE tokenizer (with a chat template) trained on the text of
+CPython's help topics (`pydoc_data.topics`, which ships with Python), then fine-tunes it with
+SFT + SAM on a chat dataset made from the same topics: the user asks about a section of the
+language reference ("Explain: The assert statement"), the assistant answers with the head of that
+section. Only the answers are trained (prompt-completion data). It reports the loss and token
+accuracy on held-out sections and answers one held-out question. No network needed.
+
+    python scripts/train_sft.py                                       # = --config configs/sft_pydoc.yaml
+    python scripts/train_sft.py --config configs/sft_pydoc.yaml --sam_rho 0 --output_dir runs/sft_no_sam
+    python scripts/train_sft.py --config configs/sft_pydoc.yaml --sam_variant asam --sam_rho 0.5
+    python scripts/train_sft.py --config configs/hub/sft_qwen_chat.yaml     # needs network and a GPU
+
+Every SFTConfig flag works (--max_length, --packing, --assistant_only_loss, ...), every SAM setting
+as --sam_<name> (hf_sam.with_sam_args(SFTConfig)), and LoRA through --lora_r 16. Needs TRL:
+pip install -e ".[trl]".
+"""
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
+
+import torch
+from transformers import set_seed
+
+from _common import (
+    ConfigError,
+    DataError,
+    LoraArguments,
+    ScriptParser,
+    apply_lora,
+    attach_sharpness,
+    check_launch,
+    checkpoint_to_resume,
+    finetuned_from,
+    finish_run,
+    rank_zero_print,
+    reproduce_command,
+    resolve_model_path,
+    run_main,
+    take,
+)
+
+from hf_sam import with_sam, with_sam_args
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as err:  # an optional extra
+    raise SystemExit(f"scripts/train_sft.py needs TRL: pip install -e \".[trl]\" ({err})") from None
+
+SAMSFTConfig = with_sam_args(SFTConfig)  # SFTConfig + every SAM setting as --sam_<name>
+SAMSFTTrainer = with_sam(SFTTrainer)  # SFTTrainer whose training step is sharpness-aware
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sft_pydoc.yaml")
+END_OF_TURN = "<|end|>"
+# A minimal chat template for the tokenizer trained here (pretrained chat models bring their own).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass
+class ScriptArguments:
+    # --- model: a pretrained causal LM, or (default) a Llama-style model built from these sizes ---
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained causal LM (a chat model for chat data): a Hub id (Qwen/Qwen2.5-0.5B-Instruct), a "
+                "local folder, or package:<module>/<folder>. Default: a Llama-style model built from the sizes."})
+    hidden_size: int = field(default=128, metadata={"help": "Built model: width."})
+    num_layers: int = field(default=2, metadata={"help": "Built model: number of transformer blocks."})
+    num_heads: int = field(default=4, metadata={"help": "Built model: attention heads per block."})
+    # --- tokenizer: the model's, or (default) a BPE with a chat template trained on the topics ---
+    vocab_size: int = field(default=1024, metadata={"help": "Built model: size of the trained BPE vocabulary."})
+    # --- data: a Hub chat dataset, or (default) questions and answers made from pydoc_data.topics ---
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Hub dataset in a format SFTTrainer reads (messages, or prompt/completion). Default: chat "
+                "examples built from the Python help topics (pydoc_data.topics, ships with Python)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={
+        "help": "Held-out split; default: a share of the training examples (eval_fraction)."})
+    answer_chars: int = field(default=300, metadata={
+        "help": "Pydoc data: the answer is the first N characters of a section (cut at a word boundary)."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of the examples held out when there is no test split."})
+    split_seed: int = field(default=42, metadata={"help": "Seed of the train/held-out split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N held-out examples."})
+    # --- output ---
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start over in an output_dir that already holds checkpoints of another run."})
+    torch_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads per process for torch (torch.set_num_threads); default: torch's choice."})
+
+
+def parse_args(argv=None):
+    """Settings: dataclass defaults < --config file.yaml (default: DEFAULT_CONFIG) < command-line flags.
+
+    Returns (script_args, lora_args, training_args, the command that reproduces the run).
+    """
+    parser = ScriptParser((ScriptArguments, LoraArguments, SAMSFTConfig), description=__doc__,
+                          default_config=DEFAULT_CONFIG)
+    script_args, lora_args, training_args = parser.parse_args_and_config(argv)
+    script_args.sam_measure = parser.sam_measure  # --sam_measure (the parser's own option)
+    return script_args, lora_args, training_args, reproduce_command(__file__, parser.effective_argv)
+
+
+def main(script_args, lora_args, training_args, command=None):
+    """Fine-tune, evaluate, answer one held-out question and save. Returns (trainer, metrics)."""
+    # 1. Checks that need no data, then the seed.
+    if script_args.model_name_or_path is None and script_args.hidden_size % script_args.num_heads:
+        raise ConfigError(f"hidden_size={script_args.hidden_size} must be a multiple of "
+                          f"num_heads={script_args.num_heads}.")
+    check_launch(training_args)
+    resume = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
+    if script_args.torch_threads:
+        torch.set_num_threads(script_args.torch_threads)
+    set_seed(training_args.seed)
+
+    # 2. Chat examples (train and held-out), the tokenizer and the model.
+    splits, source = load_chat_data(script_args)
+    tokenizer = build_tokenizer(script_args, splits["train"])
+    model = build_model(script_args, tokenizer, training_args.max_length)
+    model = apply_lora(model, lora_args, task_type="CAUSAL_LM", default_targets=[["q_proj", "v_proj"], ["c_attn"]])
+
+    # 3. SFT with SAM: SFTTrainer's data handling, loss and metrics; hf_sam's training step.
+    trainer = SAMSFTTrainer(model=model, args=training_args, train_dataset=splits["train"],
+                            eval_dataset=splits["test"], processing_class=tokenizer)
+    trainer.sam_reproduce_command = command
+    attach_sharpness(trainer, getattr(script_args, "sam_measure", None))
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # 4. Held-out loss and token accuracy, one answer, then model + tokenizer + metrics + card.
+    metrics = {"train": train_result.metrics, "eval": trainer.evaluate()}
+    finish_run(trainer, metrics, tasks="text-generation", dataset=source,
+               finetuned_from=finetuned_from(script_args.model_name_or_path))
+    rank_zero_print(f"held-out loss {metrics['eval']['eval_loss']:.4f}, token accuracy "
+                    f"{metrics['eval'].get('eval_mean_token_accuracy', float('nan')):.3f}")
+    question = question_of(splits["test"][0])
+    if question and tokenizer.chat_template and trainer.is_world_process_zero():
+        print(f"Q: {question[-1]['content']}\nA: {answer(trainer.model, tokenizer, question)}")
+    return trainer, metrics
+
+
+def pydoc_sections(answer_chars):
+    """(heading, text head) for every section of the Python help topics, each heading once."""
+    from pydoc_data.topics import topics
+
+    out = {}
+    for name in sorted(topics):
+        lines = topics[name].split("\n")
+        starts = [i for i in range(len(lines) - 1) if lines[i].strip()
+                  and re.fullmatch(r"[*=\-~^]{3,}", lines[i + 1].strip())]
+        for k, i in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else len(lines)
+            body = " ".join(" ".join(lines[i + 2:end]).split())
+            if body and lines[i].strip() not in out:
+                cut = body[:answer_chars]
+                out[lines[i].strip()] = cut if len(body) <= answer_chars else cut.rsplit(" ", 1)[0]
+    return out
+
+
+def load_chat_data(args):
+    """Returns ({"train": Dataset, "test": Dataset}, a short description of the source)."""
+    from datasets import Dataset, load_dataset
+
+    if args.dataset_name:
+        data = load_dataset(args.dataset_name, args.dataset_config_name)
+        source = args.dataset_name
+        if args.dataset_train_split not in data:
+            raise DataError(f"{source} has no split {args.dataset_train_split!r}; it has {', '.join(data)}.")
+        if args.dataset_test_split is not None and args.dataset_test_split not in data:
+            raise DataError(f"{source} has no split {args.dataset_test_split!r}; it has {', '.join(data)}.")
+        train = data[args.dataset_train_split]
+    else:
+        sections = pydoc_sections(args.answer_chars)
+        train = Dataset.from_dict({
+            "prompt": [[{"role": "user", "content": f"Explain: {heading}"}] for heading in sections],
+            "completion": [[{"role": "assistant", "content": text}] for text in sections.values()]})
+        source = "pydoc-topics-chat"
+    if args.dataset_name and args.dataset_test_split is not None:
+        test = data[args.dataset_test_split]
+    else:
+        if not 0 < args.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction={args.eval_fraction} must be in (0, 1) without a test split.")
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=args.split_seed)
+        train, test = parts["train"], parts["test"]
+    splits = {"train": take(train, args.max_train_samples), "test": take(test, args.max_eval_samples)}
+    rank_zero_print(f"data: {source}: train {len(splits['train'])}, held-out {len(splits['test'])} examples")
+    return splits, source
+
+
+def build_tokenizer(args, train_split):
+    """The pretrained model's tokenizer, or a byte-level BPE with role tokens and a chat template."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if args.model_name_or_path is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"tokenizer of {args.model_name_or_path}: cannot load it: {err}") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [m[0]["content"] for m in train_split["prompt"]] + [m[0]["content"] for m in train_split["completion"]]
+    start = time.time()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=2,
+                                  special_tokens=[END_OF_TURN, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    rank_zero_print(f"tokenizer trained in {time.time() - start:.1f}s: {bpe.get_vocab_size()} tokens")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TURN, pad_token=END_OF_TURN,
+                                        unk_token=END_OF_TURN, additional_special_tokens=ROLE_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(args, tokenizer, max_length):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model_name_or_path is None:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
+                             intermediate_size=4 * args.hidden_size, num_hidden_layers=args.num_layers,
+                             num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
+                             max_position_embeddings=max_length or 1024, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+        rank_zero_print(f"built a Llama-style model: {model.num_parameters():,} parameters (hidden_size "
+                        f"{args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads)")
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model_name_or_path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model_name_or_path {args.model_name_or_path} cannot be loaded as a causal LM: "
+                          f"{err}") from None
+
+
+def question_of(example):
+    """The chat prompt of an example: its `prompt` messages, or its `messages` before the first answer."""
+    if isinstance(example.get("prompt"), list):
+        return example["prompt"]
+    messages = example.get("messages") or []
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return messages[:first_answer]
+
+
+def answer(model, tokenizer, prompt, max_new_tokens=40):
+    """Greedy answer of `model` to a chat prompt (a list of messages)."""
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, no_repeat_ngram_size=3,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(*parse_args()))
