@@ -195,10 +195,26 @@ def pass_context(ctx, sync, final):
     """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
     sharding = getattr(ctx.trainer, "_sam_sharding", None)
     if sharding is None:
-        return nullcontext() if sync or final else ctx.no_sync()
+        if final:
+            return nullcontext()
+        return _ddp_synced(ctx.model) if sync else ctx.no_sync()
     if sharding.kind == "deepspeed":
         return _deepspeed_pass(ctx, sync, final)
     return _fsdp_pass(ctx, sync, final)
+
+
+@contextmanager
+def _ddp_synced(model):
+    """A global-ascent pass under DDP also on a non-final micro-batch, where the Trainer's no_sync is active."""
+    if not hasattr(model, "require_backward_grad_sync"):
+        yield
+        return
+    before = model.require_backward_grad_sync
+    model.require_backward_grad_sync = True  # read in the forward: covers forward and backward
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = before
 
 
 @contextmanager
