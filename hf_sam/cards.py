@@ -125,6 +125,7 @@ def render_model_card(trainer, summary: TrainingSummary) -> str:
         variant_title=variant_title,
         eval_results=[(k, _round(v)) for k, v in (summary.eval_results or {}).items()],
         quick_start=_quick_start(trainer.accelerator.unwrap_model(trainer.model), repo_id),
+        ascent=_ascent(trainer),
         sam_settings=card_settings(config),
         sam_metrics=_last_sam_metrics(trainer.state.log_history),
         hyperparameters=list((summary.hyperparameters or {}).items()),
@@ -133,6 +134,15 @@ def render_model_card(trainer, summary: TrainingSummary) -> str:
         versions=versions,
         papers=_papers(config),
     )
+
+
+def _ascent(trainer) -> str:
+    """Where the ascent gradient comes from: this device's micro-batch, or all processes' (global)."""
+    if not trainer.sam_config.sync_ascent:
+        return "and per device (m-sharpness with m = the per-device micro-batch size)"
+    sharding = getattr(trainer, "_sam_sharding", None)
+    why = ", the default under FSDP" if sharding is not None and sharding.sync_ascent_auto else ""
+    return f"over the global batch (the micro-batches of all processes: sync_ascent=True{why})"
 
 
 def _version(dist: str) -> str:

@@ -105,8 +105,9 @@ class SAMConfig:
     end: float = setting(1.0, "Fraction of training at which the sharpness-aware steps end.",
                          check=_unit, allowed="a number in [0, 1]")
     same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
-    sync_ascent: bool = setting(False, "All-reduce the ascent gradient across processes (global ascent). "
-                                "Default: per-device ascent without communication, as in the SAM paper.")
+    sync_ascent: bool | None = setting(None, "True: global ascent (the ascent gradient is the mean over all "
+                                       "processes). False: per-device ascent without communication, as in the SAM "
+                                       "paper. None (auto): per-device under DDP, global under FSDP (memory).")
     # --- which parameters are perturbed ---------------------------------------------------
     perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
                            "adapter factors only, or normalisation-layer parameters only (SAM-ON).",
@@ -241,6 +242,10 @@ class SAMConfig:
         0, "WASAM: average every k-th optimizer step; 0 = once per epoch, at its end (the paper).",
         check=_integer(0), allowed="an integer >= 0",
         used_by=("wasam",))
+    # --- functional_sam ---------------------------------------------------------------------
+    functional_sam_ascent: str = setting(
+        "raw", "Functional-SAM: the ascent direction; raw (SAM's, g / ||g||) or adam (preconditioned by Adam's "
+        "second moment, as psam; needs Adam/AdamW).", choices=("raw", "adam"), used_by=("functional_sam",))
 
     def __post_init__(self):
         self._coerce_numbers()

@@ -1,28 +1,89 @@
 """Multi-tensor helpers for the hot path: every op here is one `torch._foreach_*` call (or a few).
 
 Lists of tensors stand for one flat vector; norms are global L2 norms computed in fp32.
+
+Sharded tensors (FSDP2's DTensor parameters and gradients, placements Shard(0) on a 1-D mesh) are
+accepted everywhere: elementwise ops run on the local shards (`to_local()`, same storage), and a
+global norm or inner product is the local shards' sum reduced by ONE scalar all-reduce. Results of
+reductions are plain 0-dim tensors holding the global value on every process.
 """
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
 Tensors = list[torch.Tensor]
 
 
+def is_sharded(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(tensors: Tensors) -> Tensors:
+    """The local shards of DTensors (views on the same storage); other tensors as they are."""
+    return [t.to_local() if is_sharded(t) else t for t in tensors]
+
+
+def plain(value):
+    """A 0-dim metric value as a plain tensor (a replicated DTensor's local value is the global one)."""
+    if is_sharded(value):
+        return value.full_tensor()
+    return value
+
+
+def _shard_group(tensors):
+    """The process group to sum over when the list holds sharded tensors (None: all local)."""
+    for t in tensors:
+        if is_sharded(t):
+            mesh = t.device_mesh
+            if mesh.ndim != 1 or any(not pl.is_shard() for pl in t.placements):
+                raise NotImplementedError(f"hf_sam sums over DTensors sharded on a 1-D mesh only (got placements "
+                                          f"{t.placements} on a {mesh.ndim}-D mesh; HSDP is not supported).")
+            return mesh.get_group()
+    return None
+
+
+def _sum_over_shards(parts: torch.Tensor, tensors) -> torch.Tensor:
+    """sum of per-tensor `parts` over all processes' shards: one scalar all-reduce when any is sharded.
+
+    A tensor that is not sharded (replicated, e.g. a parameter FSDP does not manage) counts once.
+    """
+    group = _shard_group(tensors)
+    if group is None:
+        return parts.sum()
+    if not all(is_sharded(t) for t in tensors):  # (rare) a host-built weight vector, off the all-sharded path
+        world = torch.distributed.get_world_size(group)
+        weights = [1.0 if is_sharded(t) else 1.0 / world for t in tensors]
+        parts = parts * torch.tensor(weights, dtype=parts.dtype, device=parts.device)
+    total = parts.sum()
+    torch.distributed.all_reduce(total, group=group)
+    return total
+
+
 def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.Tensor:
-    """sqrt(sum_i (w_i * ||t_i||)^2) in fp32, as a 0-dim device tensor (no host sync)."""
+    """sqrt(sum_i (w_i * ||t_i||)^2) in fp32, as a 0-dim device tensor (no host sync).
+
+    Sharded tensors: the squared local norms are summed and all-reduced once (one scalar).
+    """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(local(tensors), 2, dtype=torch.float32))
     if weights is not None:
         norms = norms * torch.tensor(weights, dtype=torch.float32, device=norms.device)
-    return torch.linalg.vector_norm(norms)
+    if _shard_group(tensors) is None:
+        return torch.linalg.vector_norm(norms)
+    return _sum_over_shards(norms.square(), tensors).sqrt()
 
 
 def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; one vdot per tensor pair)."""
+    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; sharded: one scalar all-reduce)."""
     if not a:
         return torch.zeros((), dtype=torch.float32)
-    return torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
+    dots = [torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(local(a), local(b))]
+    return _sum_over_shards(torch.stack(dots), a)
 
 
 def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -32,14 +93,14 @@ def finite_or_zero(scale: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 
 def zero_nonfinite_(tensors: Tensors) -> None:
     """Replace NaN and +-inf entries by 0 in place (an overflowed ascent must never reach the weights)."""
-    for t in tensors:
+    for t in local(tensors):
         torch.nan_to_num_(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def zero_where_(tensors: Tensors, condition: torch.Tensor) -> None:
     """t_i = 0 where the 0-dim bool `condition` is true (NaN too), else unchanged; no host sync."""
-    for t in tensors:
-        t.masked_fill_(condition, 0)
+    for t in local(tensors):
+        t.masked_fill_(plain(condition), 0)
 
 
 def rng_state():
@@ -57,9 +118,10 @@ def set_rng_state(state) -> None:
 
 def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = None) -> Tensors:
     """t_i *= factors_i * scale, in place."""
+    ts = local(tensors)
     if factors is not None:
-        torch._foreach_mul_(tensors, factors)
-    torch._foreach_mul_(tensors, scale)
+        torch._foreach_mul_(ts, factors)
+    torch._foreach_mul_(ts, plain(scale))
     return tensors
 
 
@@ -74,16 +136,19 @@ def snapshot(tensors: Tensors) -> Tensors:
 
 
 def restore_(targets: Tensors, saved: Tensors) -> None:
-    """Copy `saved` back into `targets` in place: bit-exact, keeps storage (DDP bucket views, compile)."""
+    """Copy `saved` back into `targets` in place: bit-exact, keeps storage (DDP bucket views, compile).
+
+    Sharded tensors are copied shard by shard (aten._foreach_copy_ has no DTensor rule).
+    """
     if targets:
         with torch.no_grad():
-            torch._foreach_copy_(targets, saved)
+            torch._foreach_copy_(local(targets), local(saved))
 
 
 def add_(targets: Tensors, offsets: Tensors) -> None:
     if targets:
         with torch.no_grad():
-            torch._foreach_add_(targets, offsets)
+            torch._foreach_add_(local(targets), local(offsets))
 
 
 def adaptive_weights(params: Tensors, names: list[str], eta: float) -> list[torch.Tensor | None]:
@@ -102,8 +167,8 @@ def mul_where_(tensors: Tensors, factors: list[torch.Tensor | None]) -> None:
     """t_i *= f_i for the entries with a factor (ASAM's T); in place."""
     pairs = [(t, f) for t, f in zip(tensors, factors) if f is not None]
     if pairs:
-        ts, fs = zip(*pairs)
-        torch._foreach_mul_(list(ts), [f.to(t.dtype) for t, f in pairs])
+        ts, fs = local([t for t, _ in pairs]), local([f for _, f in pairs])
+        torch._foreach_mul_(ts, [f.to(t.dtype) for t, f in zip(ts, fs)])
 
 
 def mix(a: list, b: list, weight: float) -> list:

@@ -34,12 +34,11 @@ optimizer updates); None entries mean "nothing for this parameter".
 """
 
 import warnings
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, sharded
 from .params import select_parameters
 from .scaling import layer_factors
 
@@ -109,6 +108,7 @@ class Metrics:
         self.sums = {k: torch.zeros((), dtype=torch.float32, device=self.device) for k in self.KEYS}
 
     def add(self, key, value):
+        value = ops.plain(value)  # a replicated DTensor (FSDP) counts once
         self.sums[key] += value.detach().to(device=self.device, dtype=torch.float32) \
             if torch.is_tensor(value) else value
 
@@ -223,7 +223,7 @@ class StepContext:
                 self._stash_grads()
             else:
                 self._unstash()
-            loss = self._run_pass(sync=True, loss_hook=loss_hook, keep=not self._kept)
+            loss = self._run_pass(sync=True, loss_hook=loss_hook, keep=not self._kept, final=True)
             if guard:
                 self._drop_nonfinite([p.grad for p in self.params], loss)
                 self._unstash(add=True)
@@ -253,6 +253,9 @@ class StepContext:
         if self._guard_allowed(communicates=False):
             self._drop_nonfinite(d, self.last_loss)
         self._unstash()
+        if sharded.descend_with(self, d):  # DeepSpeed: d goes through the engine's backward and step
+            self.final_done = True
+            return
         with torch.no_grad():
             add_to = [(p, x) for p, x in zip(self.params, d) if x is not None and p.grad is not None]
             if add_to:
@@ -261,7 +264,8 @@ class StepContext:
                 if x is not None and p.grad is None:
                     p.grad = x.detach()
             front = self.front
-            if front.num_processes > 1 and front.sync_gradients and torch.distributed.is_initialized():
+            if front.num_processes > 1 and front.sync_gradients and torch.distributed.is_initialized() \
+                    and not sharded.grads_are_global(self):
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -332,14 +336,14 @@ class StepContext:
         return float(self.accumulation_steps) * self.inverse_loss_scale()
 
     # ---- mechanics -----------------------------------------------------------------------------
-    def _run_pass(self, sync, loss_hook=None, keep=True):
+    def _run_pass(self, sync, loss_hook=None, keep=True, final=False):
         self._clean_grads = None
         if self.passes == 0:
             self._save_rng()
         else:
             self._replay_rng()
             self._save_bn()
-        cm = nullcontext() if sync else self.front.no_sync()
+        cm = sharded.pass_context(self, sync, final)  # DDP: front.no_sync() unless sync; FSDP2: hf_sam.sharded
         try:
             with cm:
                 loss = self.front.run(loss_hook=loss_hook, keep=keep)
@@ -406,21 +410,22 @@ class StepContext:
         return [self.params[i] for i in self._saved_idx]
 
     def _stash_grads(self):
-        if self._stash is None:
-            self._stash = [p.grad for p in self.params]
-            for p in self.params:
+        if self._stash is None:  # selection.params: the optimizer's (sharded) parameters
+            self._stash = [p.grad for p in self.selection.params]
+            for p in self.selection.params:
                 p.grad = None
 
     def _unstash(self, add=False):
         """Put earlier micro-batches' gradients back; add=True: add this pass's .grad onto them."""
         if self._stash is None:
             return
+        params = self.selection.params  # the optimizer's (sharded) parameters
         if add:
-            pairs = [(s, p.grad) for s, p in zip(self._stash, self.params) if s is not None and p.grad is not None]
+            pairs = [(s, p.grad) for s, p in zip(self._stash, params) if s is not None and p.grad is not None]
             if pairs:
                 with torch.no_grad():
                     torch._foreach_add_([s for s, _ in pairs], [g for _, g in pairs])
-        for p, s in zip(self.params, self._stash):
+        for p, s in zip(params, self._stash):
             if s is not None or not add:
                 p.grad = s
         self._stash = None
@@ -461,6 +466,7 @@ class StepContext:
 
     def close(self):
         """Always runs: weights back to w by copy, earlier gradients back, buffers freed."""
+        sharded.release(self)  # FSDP2 per-device ascent: drop the unsharded w + e (the shards never moved)
         try:
             if self._moved:
                 ops.restore_(self._saved_params(), self._saved)

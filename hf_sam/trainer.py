@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
+from . import sharded
 from .config import PREFIX, SAMConfig, config_from_arguments, publish_generated_class, sam_arguments_changed
 from .params import select_parameters
 from .scaling import layer_factors
@@ -263,6 +264,7 @@ class SAMMixin:
     def _sam_configure(self, config: SAMConfig) -> None:
         """Use `config` from now on: variant, early selection check, the variant's own set-up."""
         run = self._sam
+        config = sharded.setup(self, config)  # FSDP2/DeepSpeed: variants checked; sync_ascent=None (auto) resolved
         run.config, run.variant = config, get_variant(config.variant)
         run.selection = run.selection_owner = None
         self._sam_check_selection()
@@ -271,14 +273,7 @@ class SAMMixin:
             run.set_up_variant = run.variant.name
 
     def _sam_check_supported(self):
-        if self.is_deepspeed_enabled:
-            raise ValueError("hf_sam does not support DeepSpeed yet (it owns the backward and the optimizer "
-                             "step). Remove `deepspeed` from the TrainingArguments; DDP (accelerate launch "
-                             "--multi_gpu) is supported.")
-        if self.is_fsdp_enabled:
-            raise ValueError("hf_sam does not support FSDP yet (the ascent would need a sharded global norm). "
-                             "Remove `fsdp` from the TrainingArguments; DDP (accelerate launch --multi_gpu) is "
-                             "supported.")
+        sharded.check(self)  # DeepSpeed, FSDP1, FSDP/DeepSpeed asked for but not set up (CPU)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
         if optim in _STEP_INSIDE_BACKWARD or optim.endswith("_layerwise"):
             raise ValueError(f"optim={optim!r} updates the weights inside the backward pass, which leaves no point "
@@ -399,7 +394,8 @@ class SAMMixin:
     def _sam_selection(self):
         run, opt = self._sam, self.optimizer
         if run.selection is None or run.selection_owner is not opt:
-            run.selection = build_selection(self.model, unique_trainable(opt.param_groups), self.sam_config)
+            params = sharded.trainable(self) or unique_trainable(opt.param_groups)  # DeepSpeed: the module's
+            run.selection = build_selection(self.model, params, self.sam_config)
             run.selection_owner = opt
         return run.selection
 
@@ -444,7 +440,7 @@ class SAMMixin:
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sam_state:
-            torch.save(self.sam_state, self._sam_state_path(output_dir))
+            torch.save(sharded.state_to_save(self.sam_state), self._sam_state_path(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -453,7 +449,9 @@ class SAMMixin:
         path = self._sam_state_path(checkpoint)
         if os.path.isfile(path):
             self.sam_state.clear()
-            self.sam_state.update(torch.load(path, map_location=self.args.device, weights_only=True))
+            device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch.load rejects "cpu:0"
+            state = torch.load(path, map_location=device, weights_only=True)
+            self.sam_state.update(sharded.state_loaded(self, state))
 
     # ---- model card ------------------------------------------------------------------------------
     def sam_tags(self) -> list[str]:

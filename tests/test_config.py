@@ -90,13 +90,14 @@ def test_optimizers_that_step_inside_backward_are_refused(tmp_path, optim):
         tiny.trainer(tmp_path, optim=optim)
 
 
-def test_deepspeed_and_fsdp_are_refused(tmp_path):
+def test_deepspeed_without_zero_1_or_2_and_fsdp1_are_refused(tmp_path):
+    # (FSDP2 and ZeRO-1/2 run: tests/test_fsdp.py, tests/test_deepspeed.py)
     tr = tiny.trainer(tmp_path)
-    tr.is_deepspeed_enabled = True
-    with pytest.raises(ValueError, match="DeepSpeed"):
+    tr.is_deepspeed_enabled = True  # no ZeRO stage in the (absent) DeepSpeed config
+    with pytest.raises(ValueError, match="ZeRO stages 1 and 2"):
         tr._sam_check_supported()
-    tr.is_deepspeed_enabled, tr.is_fsdp_enabled = False, True
-    with pytest.raises(ValueError, match="FSDP"):
+    tr.is_deepspeed_enabled, tr.is_fsdp_enabled = False, True  # FSDP without fsdp_version 2
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
         tr._sam_check_supported()
 
 

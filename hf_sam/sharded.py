@@ -1,0 +1,443 @@
+"""Sharded data parallelism for SAMTrainer: FSDP2 and DeepSpeed ZeRO-1/2 (exact, both ascent modes).
+
+What sharding changes in a SAM step (the variants do not see it; hf_sam.ops takes DTensors):
+
+FSDP2
+- Global ascent (`sync_ascent=True`, the default under FSDP): every pass reduce-scatters, so the
+  sharded gradients of the clean pass are the global-batch mean. The norm is one fp32 scalar
+  all-reduce of the local shards' squared norms (ops.global_norm); e is added to the local shards in
+  place and the weights come back by copy from a snapshot of the local shards. Each group is
+  resharded before a pass, so the forward all-gathers the current shards (after a forward without
+  backward the root group stays unsharded and would not see in-place shard edits).
+- Per-device ascent (`sync_ascent=False`, the SAM paper's m = per-device batch): the clean pass runs
+  with `set_requires_gradient_sync(False)` and `set_reshard_after_backward(False)`, so each device
+  keeps the full (unsharded) parameters and its own full gradient; the step works on those
+  (ctx.params) until the descent pass, which runs without resharding after forward (nothing is
+  all-gathered again), reduce-scatters g(w + e_r) and reshards, dropping w + e_r. The shards never
+  move. Memory: DDP-level during the step.
+- Gradient accumulation: the Trainer's `no_sync` on non-final micro-batches would keep the clean
+  pass's gradient unsharded and mix it into the next reduce-scatter. Each SAM pass sets the gradient
+  sync itself (sync_each_batch semantics): one reduce-scatter per pass and micro-batch.
+
+DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partitioned)
+- A temporary pass runs the stock loss on detached leaves that share the parameters' storage, with
+  a plain backward into them: ZeRO's gradient hooks and the engine's backward epilogue never run.
+  Global ascent all-reduces that gradient (one flat all-reduce).
+- The descent pass is the stock one; accelerate calls `engine.step()` inside its backward on the
+  last micro-batch, so the weights are put back at w just before that step.
+- An explicit descent gradient d (set_final: GSAM, LookSAM) goes through the engine as the backward
+  of sum_i <p_i, d_i>.
+
+Refused with a message: FSDP1 (set fsdp_version 2), HSDP, ZeRO-3, DeepSpeed offload and fp16, the
+variants not listed below, and a run that asked for FSDP or DeepSpeed but was set up without it
+(accelerate does not shard on a CPU).
+"""
+
+import dataclasses
+import logging
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger(__name__)
+
+# Variants tested under FSDP2 and DeepSpeed ZeRO-1/2, both ascent modes, against their single-process
+# references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+
+
+class Sharding:
+    """How this run is sharded (set once when the trainer is built)."""
+
+    def __init__(self, kind, sync_ascent_auto=False):
+        self.kind = kind  # "fsdp2" or "deepspeed"
+        self.sync_ascent_auto = sync_ascent_auto  # sync_ascent was left unset and FSDP chose global ascent
+
+
+def _env_true(name):
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def kind(trainer):
+    """'fsdp2', 'fsdp1', 'deepspeed' or None, from the accelerator the trainer set up."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        return "fsdp2" if getattr(plugin, "fsdp_version", 1) == 2 else "fsdp1"
+    model = getattr(trainer, "model", None)
+    if model is not None and _fsdp_modules(model):  # sharded with fully_shard before the Trainer saw it
+        return "fsdp2"
+    return None
+
+
+def requested(args):
+    """What the user asked for: 'FSDP', 'DeepSpeed' or None (TrainingArguments or accelerate launch)."""
+    if getattr(args, "deepspeed", None) or _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    if getattr(args, "fsdp", None) or _env_true("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    return None
+
+
+def check(trainer):
+    """Refuse what cannot run (DeepSpeed, FSDP1, sharding asked for but not set up). Raises ValueError."""
+    k = kind(trainer)
+    asked = requested(trainer.args)
+    if k is None and asked is not None and trainer.accelerator.num_processes > 1:
+        raise ValueError(
+            f"{asked} was requested (TrainingArguments or accelerate config) but accelerate set up "
+            f"{trainer.accelerator.distributed_type} instead: on a CPU (use_cpu=True) accelerate does not shard, so "
+            f"this run would silently train replicated copies (DDP) with DDP's memory. hf_sam stops here. "
+            f"To train with DDP on purpose remove `{'deepspeed' if asked == 'DeepSpeed' else 'fsdp'}` from the "
+            f"arguments (accelerate launch: use configs/accelerate/multi_cpu.yaml); to shard, run on GPUs.")
+    if k == "deepspeed":
+        cfg = _deepspeed_config(trainer)
+        zero = cfg.get("zero_optimization", {}) or {}
+        stage = int(zero.get("stage", 0) or 0)
+        if stage not in (1, 2):
+            raise ValueError(f"hf_sam supports DeepSpeed ZeRO stages 1 and 2 (got stage {stage}): ZeRO-3 partitions "
+                             "the parameters, which the ascent would have to gather and perturb. Use FSDP2 "
+                             "(configs/accelerate/fsdp.yaml) to shard the parameters.")
+        offload = [key for key in ("offload_optimizer", "offload_param")
+                   if str((zero.get(key) or {}).get("device", "none")).lower() != "none"]
+        if offload:
+            raise ValueError(f"hf_sam does not support DeepSpeed {' and '.join(offload)} (untested); remove it.")
+        if (cfg.get("fp16", {}) or {}).get("enabled") in (True, "true"):
+            raise ValueError("hf_sam does not support DeepSpeed fp16 (its loss scaler owns the backward); use bf16 "
+                             "or fp32.")
+    if k == "fsdp1":
+        raise ValueError(
+            "hf_sam supports FSDP2 only: FSDP1 flattens the parameters into one sharded buffer, which the "
+            "ascent cannot perturb and restore per parameter. Set `fsdp_version: 2` in fsdp_config (or "
+            "fsdp_version: 2 in the accelerate config).")
+
+
+def _deepspeed_config(trainer):
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "deepspeed_config", None) or {}
+
+
+def setup(trainer, config):
+    """`config` for this trainer: variants checked under FSDP2 / DeepSpeed, sync_ascent=None (auto) resolved."""
+    k = kind(trainer)
+    if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
+        if config.variant not in SHARDED_VARIANTS:
+            raise ValueError(
+                f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
+                f"{', '.join(SHARDED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
+        trainer._sam_sharding = Sharding("deepspeed")
+        return config
+    if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
+        trainer._sam_sharding = None
+        return config
+    auto = config.sync_ascent is None
+    if auto:
+        config = dataclasses.replace(config, sync_ascent=True)
+    if config.variant not in SHARDED_VARIANTS:
+        raise ValueError(
+            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(SHARDED_VARIANTS)} are "
+            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
+    previous = getattr(trainer, "_sam_sharding", None)
+    if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
+        logger.warning(
+            "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
+            "sharded memory; each pass all-gathers and reduce-scatters, +2 scalar all-reduces per micro-batch). Set "
+            "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
+    trainer._sam_sharding = Sharding("fsdp2", sync_ascent_auto=auto)
+    return config
+
+
+# ---- FSDP2 mechanics --------------------------------------------------------------------------------
+def _fsdp_modules(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _fsdp_params(modules):
+    """FSDPParam of each sharded parameter, by id of the sharded parameter."""
+    out = {}
+    for m in modules:
+        for group in m._get_fsdp_state()._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                out[id(fp.sharded_param)] = fp
+    return out
+
+
+def _reshard(modules):
+    for m in modules:
+        m.reshard()
+
+
+class _StepState:
+    """Per micro-batch: the unsharded parameters held between the passes of a per-device ascent."""
+
+    def __init__(self, ctx):
+        self.modules = _fsdp_modules(ctx.model)  # pre-order: the root comes first
+        if not self.modules:
+            raise RuntimeError("FSDP2 is enabled but the model has no fully_shard module")
+        self.root = self.modules[0]
+        self.held = None  # FSDPParam list aligned with ctx.selection.params while unsharded is held
+
+
+def _state(ctx):
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None:
+        st = ctx._sam_sharded_step = _StepState(ctx)
+    return st
+
+
+def pass_context(ctx, sync, final):
+    """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    if sharding is None:
+        if final:
+            return nullcontext()
+        return _ddp_synced(ctx.model) if sync else ctx.no_sync()
+    if sharding.kind == "deepspeed":
+        return _deepspeed_pass(ctx, sync, final)
+    return _fsdp_pass(ctx, sync, final)
+
+
+@contextmanager
+def _ddp_synced(model):
+    """A global-ascent pass under DDP also on a non-final micro-batch, where the Trainer's no_sync is active."""
+    if not hasattr(model, "require_backward_grad_sync"):
+        yield
+        return
+    before = model.require_backward_grad_sync
+    model.require_backward_grad_sync = True  # read in the forward: covers forward and backward
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = before
+
+
+@contextmanager
+def _fsdp_pass(ctx, sync, final):
+    st = _state(ctx)
+    root = st.root
+    if st.held is None:
+        _reshard(st.modules)  # the forward must all-gather the current shards (they may have moved)
+    saved_forward = None
+    if st.held is not None:  # keep w + e unsharded: no reshard after forward, no re-all-gather in backward
+        saved_forward = [(m._get_fsdp_state(), m._get_fsdp_state()._auto_reshard_after_forward,
+                          [(g, g.post_forward_mesh_info) for g in m._get_fsdp_state()._fsdp_param_groups])
+                         for m in st.modules]
+        root.set_reshard_after_forward(False)
+    reduce = sync or final
+    root.set_requires_gradient_sync(reduce)
+    if not reduce:
+        root.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+        root.set_reshard_after_backward(True)
+        if saved_forward is not None:
+            for state, auto, groups in saved_forward:  # back to each module's own setting
+                state._auto_reshard_after_forward = auto
+                for group, info in groups:
+                    group.post_forward_mesh_info = info
+    if not reduce:
+        _hold_unsharded(ctx, st)
+    elif st.held is not None and final:
+        _drop_unsharded(ctx, st)
+
+
+def _hold_unsharded(ctx, st):
+    """After a per-device pass: the step works on the unsharded parameters and their local gradients."""
+    if st.held is None:
+        by_id = _fsdp_params(st.modules)
+        sharded = ctx.selection.params
+        missing = [n for n, p in zip(ctx.names, sharded) if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"per-device ascent under FSDP needs every trained parameter sharded by FSDP2; not "
+                             f"sharded: {', '.join(missing[:3])}. Set sync_ascent=True.")
+        st.held = [by_id[id(p)] for p in sharded]
+    unsharded = []
+    for fp in st.held:
+        u = fp.unsharded_param
+        if fp.unsharded_accumulated_grad is not None:  # reduce_dtype differs: FSDP moved the grad there
+            u.grad = fp.unsharded_accumulated_grad.to(u.dtype)
+            fp.unsharded_accumulated_grad = None
+        unsharded.append(u)
+    ctx.params = unsharded
+
+
+def _drop_unsharded(ctx, st):
+    """The descent pass resharded: w + e is gone with the unsharded parameters; the shards never moved."""
+    ctx.params = ctx.selection.params
+    ctx._moved = False
+    ctx._saved = None
+    st.held = None
+
+
+def release(ctx):
+    """Called when a micro-batch ends (also on error): drop held unsharded parameters and their grads."""
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None or st.held is None:
+        return
+    for fp in st.held:
+        fp.unsharded_param.grad = None
+    _reshard(st.modules)
+    _drop_unsharded(ctx, st)
+
+
+def grads_are_global(ctx):
+    """Whether set_final's descent gradient is already the global mean (FSDP: every pass reduce-scatters)."""
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    return sharding is not None and sharding.kind == "fsdp2"
+
+
+# ---- DeepSpeed ZeRO-1/2 mechanics -------------------------------------------------------------------
+# The module's parameters are full and replicated; the engine's optimizer holds flat fp32 partitions,
+# and its backward sends the gradients into them through hooks on the parameters (p.grad stays None).
+def trainable(trainer):
+    """The parameters the variants work on: the module's under DeepSpeed (the optimizer's are flat), else None."""
+    sharding = getattr(trainer, "_sam_sharding", None)
+    if sharding is None or sharding.kind != "deepspeed":
+        return None
+    from .step import unique_trainable
+
+    return unique_trainable([{"params": list(trainer.model.parameters())}])
+
+
+def _engine(ctx):
+    return ctx.trainer.accelerator.deepspeed_engine_wrapped.engine
+
+
+@contextmanager
+def _patched(obj, name, value):
+    """obj.<name> is `value` inside the block (an instance attribute; what was there before comes back)."""
+    attrs = vars(obj)  # not setattr: nn.Module.__setattr__ would register a module value as a submodule
+    missing = object()
+    before = attrs.get(name, missing)
+    attrs[name] = value
+    try:
+        yield
+    finally:
+        if before is missing:
+            attrs.pop(name, None)
+        else:
+            attrs[name] = before
+
+
+@contextmanager
+def _deepspeed_pass(ctx, sync, final):
+    acc, engine = ctx.trainer.accelerator, _engine(ctx)
+    if final:
+        # accelerate runs engine.step() inside accelerator.backward on the last micro-batch: put w back
+        # first, so the step starts from w (its fp32 master copy never moved) and nothing is restored after.
+        real_step = engine.step
+
+        def step(*args, **kwargs):
+            ctx._position(None)
+            return real_step(*args, **kwargs)
+
+        with _patched(engine, "step", step):
+            yield
+        return
+    # a temporary pass: the same forward and loss on detached leaves that share the parameters' storage
+    # (so they see w + e), and a plain backward into the leaves: ZeRO's hooks do not fire, nothing is
+    # reduced, and the engine's gradient buffers and step counters stay as they were.
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    module = engine.module
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    leaves = {n: p.detach().requires_grad_() for n, p in named}
+    # the engine's own forward would hook its outputs to run DeepSpeed's backward epilogue: call the module
+    with _patched(acc, "backward", lambda loss, **kwargs: loss.backward()), _patched(engine, "forward", module), \
+            _reparametrize_module(module, leaves, tie_weights=True):
+        yield
+    leaf_of = {id(p): leaves[n] for n, p in named}
+    grads = [leaf_of[id(p)].grad if id(p) in leaf_of else None for p in ctx.params]
+    if sync and ctx.num_processes > 1:  # global ascent: the mean over processes, one all-reduce
+        present = [g for g in grads if g is not None]
+        flat = torch.cat([g.reshape(-1) for g in present])
+        torch.distributed.all_reduce(flat)
+        flat.div_(ctx.num_processes)
+        for g, x in zip(present, flat.split([g.numel() for g in present])):
+            g.copy_(x.view_as(g))
+    for p, g in zip(ctx.params, grads):
+        p.grad = g  # read and cleared by the step right after this pass
+
+
+def descend_with(ctx, d):
+    """Finish the micro-batch with the explicit descent gradient d where sharding needs it; else False.
+
+    DeepSpeed: the gradient goes through the engine like any other: a backward of sum_i <p_i, d_i>
+    (whose gradient is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the
+    last micro-batch. FSDP2 per-device ascent: d is this device's full gradient; it is averaged and
+    reduce-scattered into the sharded gradients, and the unsharded parameters are dropped.
+    FSDP2 global ascent: d is sharded and global already (False: the step adds it).
+    """
+    sharding = getattr(ctx.trainer, "_sam_sharding", None)
+    if sharding is None:
+        return False
+    if sharding.kind == "fsdp2":
+        return _fsdp_descend_with(ctx, d)
+    pairs = [(p, x) for p, x in zip(ctx.params, d) if x is not None]
+    surrogate = sum((p * x.detach().to(p.dtype)).sum() for p, x in pairs)
+    ctx.trainer.accelerator.backward(surrogate, scale_wrt_gas=False)
+    return True
+
+
+# ---- checkpoints: the variants' state holds DTensors under FSDP ---------------------------------------
+def state_to_save(state):
+    """sam_state with every DTensor replaced by its local shard (each rank saves its own file)."""
+    return _map(state, lambda t: t.to_local() if ops.is_sharded(t) else t)
+
+
+def state_loaded(trainer, state):
+    """Inverse of state_to_save: lists aligned with the trained parameters get their DTensor specs back."""
+    if getattr(trainer, "_sam_sharding", None) is None or trainer.optimizer is None:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    from .step import unique_trainable
+
+    params = unique_trainable(trainer.optimizer.param_groups)  # what the variants' lists are aligned with
+
+    def wrap(value):
+        if isinstance(value, list) and len(value) == len(params):
+            return [DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    if torch.is_tensor(t) and ops.is_sharded(p) else wrap(t) for t, p in zip(value, params)]
+        if isinstance(value, dict):
+            return {k: wrap(v) for k, v in value.items()}
+        return value
+
+    return wrap(state)
+
+
+def _map(value, fn):
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    return fn(value) if torch.is_tensor(value) else value
+
+
+def _fsdp_descend_with(ctx, d):
+    st = getattr(ctx, "_sam_sharded_step", None)
+    if st is None or st.held is None:
+        return False
+    from torch.distributed.tensor import DTensor, Partial
+
+    release(ctx)  # weights are at w (set_final restored them); the shards never moved
+    world = ctx.num_processes
+    with torch.no_grad():
+        for p, x in zip(ctx.selection.params, d):  # every process reduces every parameter (collectives)
+            full = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device) if x is None else x.detach()
+            mean = DTensor.from_local(full, p.device_mesh, [Partial()], shape=p.shape, stride=p.stride(),
+                                      run_check=False).redistribute(p.device_mesh, p.placements)
+            mean.to_local().div_(world)
+            if p.grad is None:
+                p.grad = mean
+            else:
+                p.grad.to_local().add_(mean.to_local())
+    return True
