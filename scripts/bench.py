@@ -341,7 +341,7 @@ def readme_memory():
             m = re.match(r"\| `(\w+)` \|", line)
             if m:  # the last cell; "\|" inside a cell is an escaped pipe
                 cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
-                out[m.group(1)] = cells[-1].strip().replace("\\|", "|")
+                out.setdefault(m.group(1), cells[-1].strip().replace("\\|", "|"))  # the variants table comes first
     return out
 
 
