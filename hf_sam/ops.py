@@ -98,9 +98,14 @@ def zero_nonfinite_(tensors: Tensors) -> None:
 
 
 def zero_where_(tensors: Tensors, condition: torch.Tensor) -> None:
-    """t_i = 0 where the 0-dim bool `condition` is true (NaN too), else unchanged; no host sync."""
+    """t_i = 0 where the 0-dim bool `condition` is true (NaN too), else unchanged; no device sync."""
+    condition = plain(condition)
+    if condition.device.type == "cpu":  # reading a CPU flag syncs nothing: skip the work when it is false
+        if bool(condition):
+            torch._foreach_zero_(local(tensors))
+        return
     for t in local(tensors):
-        t.masked_fill_(plain(condition), 0)
+        t.masked_fill_(condition, 0)
 
 
 def rng_state():

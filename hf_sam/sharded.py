@@ -145,7 +145,7 @@ def setup(trainer, config):
     if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
-            "sharded memory; each pass all-gathers and reduce-scatters, +2 scalar all-reduces per micro-batch). Set "
+            "sharded memory; each pass all-gathers and reduce-scatters, +1 scalar all-reduce per micro-batch). Set "
             "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
     trainer._sam_sharding = Sharding("fsdp2", sync_ascent_auto=auto)
     return config

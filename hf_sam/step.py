@@ -307,11 +307,15 @@ class StepContext:
             norm = grad_norm if q is None else ops.global_norm(gs, q)
         scale = ops.finite_or_zero(rho / (norm + self.config.eps), norm)
         ops.scale_(e, scale, s)
-        ops.zero_nonfinite_(e)
+        overflow = ~torch.isfinite(norm)  # a finite norm means every g_i, so every e_i, is finite
+        ops.zero_where_(e, overflow)
         self.metrics.add("grad_norm", grad_norm * self.grad_unit())
-        self.metrics.add("perturbation_norm", ops.global_norm(e))
+        if s is None and q is None and not self.config.effective_adaptive:  # ||e|| = scale ||g||, no extra pass
+            self.metrics.add("perturbation_norm", torch.where(overflow, torch.zeros_like(scale), scale * grad_norm))
+        else:
+            self.metrics.add("perturbation_norm", ops.global_norm(e))
         self.metrics.add("ascents", 1.0)
-        self.metrics.add("skipped", (~torch.isfinite(norm)).float())
+        self.metrics.add("skipped", overflow.float())
         for i, x in zip(idx, e):
             out[i] = x
         return out
