@@ -436,6 +436,23 @@ def attach_sharpness(trainer, measures):
     return SharpnessCallback.attach(trainer, measures=measures)
 
 
+def train_bpe(texts, vocab_size, special_tokens):
+    """A byte-level BPE tokenizer (`tokenizers.Tokenizer`) trained on `texts`, offline, in seconds."""
+    import time
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    start = time.time()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    rank_zero_print(f"tokenizer trained in {time.time() - start:.1f}s: {bpe.get_vocab_size()} tokens")
+    return bpe
+
+
 def finish_run(trainer, metrics, *, tasks, dataset, finetuned_from=None):
     """Save the model (+ processor/tokenizer), metrics per split, trainer state and the model card; push if asked.
 

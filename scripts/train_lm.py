@@ -19,7 +19,6 @@ Width sweeps change --n_embd (and --n_head); every `SAMTrainingArguments` flag w
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
@@ -40,6 +39,7 @@ from _common import (
     finish_run,
     rank_zero_print,
     reproduce_command,
+    train_bpe,
     require_columns,
     resolve_model_path,
     run_main,
@@ -228,19 +228,10 @@ def build_tokenizer(args, train_split):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     texts = train_split[args.text_column]
     rank_zero_print(f"training a byte-level BPE tokenizer (vocabulary {args.vocab_size}) on {len(texts)} "
                     f"documents, {sum(map(len, texts)):,} characters ...")
-    start = time.time()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
-    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    rank_zero_print(f"tokenizer trained in {time.time() - start:.1f}s: {bpe.get_vocab_size()} tokens")
+    bpe = train_bpe(texts, args.vocab_size, [END_OF_TEXT])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
                                    unk_token=END_OF_TEXT, pad_token=END_OF_TEXT, model_max_length=args.block_size)
 

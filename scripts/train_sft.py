@@ -21,7 +21,6 @@ pip install -e ".[trl]".
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
@@ -42,6 +41,7 @@ from _common import (
     finish_run,
     rank_zero_print,
     reproduce_command,
+    train_bpe,
     resolve_model_path,
     run_main,
     take,
@@ -208,18 +208,8 @@ def build_tokenizer(args, train_split):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     texts = [m[0]["content"] for m in train_split["prompt"]] + [m[0]["content"] for m in train_split["completion"]]
-    start = time.time()
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=2,
-                                  special_tokens=[END_OF_TURN, *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    rank_zero_print(f"tokenizer trained in {time.time() - start:.1f}s: {bpe.get_vocab_size()} tokens")
+    bpe = train_bpe(texts, args.vocab_size, [END_OF_TURN, *ROLE_TOKENS])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=END_OF_TURN, pad_token=END_OF_TURN,
                                         unk_token=END_OF_TURN, additional_special_tokens=ROLE_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
