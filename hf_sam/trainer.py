@@ -21,7 +21,6 @@ class's names.
 import copy
 import dataclasses
 import functools
-import logging
 import os
 from collections import deque
 from contextlib import nullcontext
@@ -38,7 +37,6 @@ from .scaling import layer_factors
 from .step import Metrics, StepContext, build_selection, run_step, sam_active, unique_trainable
 from .variants import get_variant
 
-logger = logging.getLogger(__name__)
 
 SAM_STATE_FILE = "sam_state.pt"
 _STEP_INSIDE_BACKWARD = {OptimizerNames.LOMO.value, OptimizerNames.ADALOMO.value}

@@ -13,9 +13,8 @@ muP^2 predicts that with "mupp" the best rho stays put as the width grows, and t
 perturbation of the hidden layers fades with width (so the best rho drifts, or SAM stops mattering).
 """
 
-import math
 
-from studies._report import fmt, mean_sd, status_note, table
+from studies._report import mean_sd, status_note, table
 
 SEEDS = 1
 PARTS = ("sweep", "long")
