@@ -11,6 +11,8 @@ Parts:
   rho_sweep   40% noise: sam and asam at a few more radii
   noise_sweep 0/20/60% noise: AdamW, sam, asam and the best cheap variant of the headline
               (highest mean gain among variants with at most 1.2 backward passes per step)
+  vit         the default tiny-ViT job (scripts/train_vit.py, configs/vit_digits.yaml: clean digits) for
+              AdamW, sam, asam and the best cheap variant; test accuracy
 
   cost        short timing runs (8 epochs; saf and mesa 40, see COST_EPOCHS_OVERRIDE; 2 rounds,
               interleaved: every configuration once per round): mean process CPU time per optimizer step relative to AdamW's in the same round
@@ -27,7 +29,8 @@ import statistics
 from studies._report import by_label, fmt, mean_sd, status_note, table
 
 SEEDS = 3
-PARTS = ("headline", "cost", "rho_sweep", "noise_sweep")
+PARTS = ("headline", "cost", "rho_sweep", "noise_sweep", "vit")
+VIT_FLAGS = {"adamw": ["--sam_rho", "0"], "sam": [], "asam": ["--sam_variant", "asam", "--sam_rho", "0.5"]}
 COST_EPOCHS = 8
 COST_ROUNDS = 2
 # SAF and MESA switch their extra term on after epoch 5 (saf_start): time them over 40 epochs so that it
@@ -117,6 +120,13 @@ def runs(parts, seeds, quick, cache):
         for noise in NOISE_LEVELS:
             for label in labels:
                 add("noise_sweep", label, HEADLINE[label], noise)
+    if "vit" in parts:
+        records = [r for r in cache.values() if r["part"] == "headline"]
+        cheap = best_cheap(records) if _headline_complete(records, seeds) else None
+        for label in list(VIT_FLAGS) + ([cheap] if cheap else []):
+            flags = VIT_FLAGS.get(label, ["--sam_variant", label])
+            out += [dict(id=f"vit_{label}_s{s}", part="vit", label=label, seed=s, params=dict(flags=flags))
+                    for s in seeds]
     return out
 
 
@@ -127,6 +137,14 @@ def _headline_complete(records, seeds):
 
 def execute(run, quick):
     from studies.digits import train_mlp
+
+    if run["part"] == "vit":
+        from studies._subprocess import run_script
+
+        flags = ["--config", "configs/vit_digits.yaml", *run["params"]["flags"], "--seed", str(run["seed"]),
+                 "--eval_strategy", "no", "--logging_strategy", "no", "--torch_threads", "1"]
+        results, _, wall = run_script("train_vit.py", flags)
+        return {"test_acc": float(results["test_accuracy"]), "process_wall_s": wall}
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -237,6 +255,13 @@ def report(records, status, png, quick):
         body.sort(key=lambda r: int(r[0][:-1]))
         md += [f"\n## noise sweep ({status_note(status, 'noise_sweep')})\n", table(head, body)]
         summary["noise_sweep"] = body
+    got_v = by_label(records, "vit")
+    if got_v:
+        vit_rows = [[f"`{lbl}`", fmt(*mean_sd([x["test_acc"] for x in per_seed.values()]), 100), len(per_seed)]
+                    for lbl, per_seed in got_v.items()]
+        md += [f"\n## the default tiny ViT on clean digits ({status_note(status, 'vit')})\n",
+               table(["configuration", "test accuracy (%)", "seeds"], vit_rows)]
+        summary["vit"] = vit_rows
     _plot(rows, png)
     return summary, "\n".join(md)
 
