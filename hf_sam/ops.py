@@ -108,6 +108,19 @@ def zero_where_(tensors: Tensors, condition: torch.Tensor) -> None:
         t.masked_fill_(condition, 0)
 
 
+def batchnorms(model) -> list:
+    """BatchNorm modules of `model` that keep running statistics."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+def batchnorm_buffers(modules) -> Tensors:
+    """Their running-statistics buffers (mean, var, count), to snapshot and restore."""
+    return [t for m in modules for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+
 def rng_state():
     """The CPU and (initialised) CUDA generators' states, to replay a pass's random draws."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

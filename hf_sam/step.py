@@ -36,7 +36,6 @@ optimizer updates); None entries mean "nothing for this parameter".
 import warnings
 
 import torch
-from torch import nn
 
 from . import ops, sharded
 from .params import select_parameters
@@ -87,11 +86,7 @@ def build_selection(model, params, config, names=None) -> Selection:
         it_s, it_q = iter(factors[0]), iter(factors[1])
         s = [float(next(it_s)) if keep else 1.0 for keep in selected]
         q = [float(next(it_q)) if keep else 1.0 for keep in selected]
-    batchnorms = []
-    if model is not None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-                batchnorms += [m.running_mean, m.running_var, m.num_batches_tracked]
+    batchnorms = ops.batchnorm_buffers(ops.batchnorms(model)) if model is not None else []
     return Selection(params, names, selected, s, q, batchnorms)
 
 

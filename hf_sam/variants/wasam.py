@@ -30,7 +30,6 @@ for models with BatchNorm.
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
 
 from .. import ops
@@ -99,11 +98,6 @@ class WASAMCallback(TrainerCallback):
             update_average(self.trainer)
 
 
-def _batchnorms(model):
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
-
-
 def _bn_loader(trainer):
     ds = trainer.train_dataset
     collator = trainer.data_collator
@@ -159,8 +153,8 @@ def use_average(trainer):
         raise RuntimeError(f"WASAM average has {len(st[AVG])} tensors but the model has {len(params)} trainable "
                            "parameters; was the model changed after training?")
     saved = ops.snapshot(params)
-    bns = _batchnorms(trainer.model)
-    bn_buffers = [t for m in bns for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    bns = ops.batchnorms(trainer.model)
+    bn_buffers = ops.batchnorm_buffers(bns)
     bn_saved = ops.snapshot(bn_buffers)
     rng = ops.rng_state()  # the BatchNorm pass must not move the training RNG
     try:
