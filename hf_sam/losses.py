@@ -1,5 +1,7 @@
-"""Per-sample losses and sub-batches, for variants that look at individual samples (ESAM's data
-selection, SSAM's Fisher mask).
+"""Model outputs, per-sample losses and sub-batches, for variants that look at a model's outputs or
+at individual samples (ESAM's data selection, SSAM's Fisher mask, SAF's logit bank).
+
+The one place that reads a model's logits (`model_logits`) and unwraps a model (`unwrap_model`).
 
 A model's built-in loss is already reduced over the batch, so per-sample losses are recomputed
 from the logits and the labels, for the tasks whose loss is unambiguous:
@@ -27,12 +29,13 @@ LABEL_KEYS = ("labels", "label", "label_ids")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def _unwrap(model):
-    """The innermost model: through DDP/accelerate (`.module`) and PEFT (`get_base_model()`)."""
+def unwrap_model(model, peft: bool = True):
+    """The innermost model: through DDP/accelerate wrappers (`.module`) and, with peft=True, PEFT
+    (`get_base_model()`)."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
-        if hasattr(model, "get_base_model"):
+        if peft and hasattr(model, "get_base_model"):
             try:
                 model = model.get_base_model()
                 continue
@@ -44,7 +47,12 @@ def _unwrap(model):
     return model
 
 
-def _logits(outputs):
+def model_logits(outputs, user: str = "a per-sample loss") -> torch.Tensor:
+    """The logits in what a model returned: a dict / ModelOutput entry, a `.logits` attribute, or the
+    HF tuple convention ((loss, logits, ...) when labels were given, else (logits, ...)).
+
+    user: who needs them, for the error raised when there are none.
+    """
     if isinstance(outputs, Mapping) or hasattr(outputs, "keys"):
         if "logits" in outputs:
             return outputs["logits"]
@@ -56,7 +64,7 @@ def _logits(outputs):
         if torch.is_tensor(first) and first.dim() == 0 and len(outputs) > 1:
             return outputs[1]
         return first
-    raise ValueError(f"per-sample losses need the model's logits, but its output ({type(outputs).__name__}) "
+    raise ValueError(f"{user} needs the model's logits, but its output ({type(outputs).__name__}) "
                      "has no 'logits'.")
 
 
@@ -83,9 +91,9 @@ def per_sample_loss(outputs, inputs, model) -> torch.Tensor:
     outputs: what the model returned (dict, ModelOutput or tuple); inputs: the batch the model saw
     (with its labels); model: the model (possibly wrapped) - its class and config tell the task.
     """
-    logits = _logits(outputs)
+    logits = model_logits(outputs)
     labels = _labels(inputs)
-    base = _unwrap(model)
+    base = unwrap_model(model)
     cls = type(base).__name__
     config = _config(base)
     problem = getattr(config, "problem_type", None) if config is not None else None

@@ -6,7 +6,13 @@ Sharded tensors (FSDP2's DTensor parameters and gradients, placements Shard(0) o
 accepted everywhere: elementwise ops run on the local shards (`to_local()`, same storage), and a
 global norm or inner product is the local shards' sum reduced by ONE scalar all-reduce. Results of
 reductions are plain 0-dim tensors holding the global value on every process.
+
+The collectives of the step live here too (the scalar all-reduce of sharded norms, `all_mean_`,
+`mean_over_processes`), and `isolated`: a block after which the global RNG and given buffers are
+as before (passes beside the step's own).
 """
+
+from contextlib import contextmanager
 
 import torch
 
@@ -205,3 +211,46 @@ def mix(a: list, b: list, weight: float) -> list:
     for i, x in zip(idx, xs):
         out[i] = x
     return out
+
+
+# ---- collectives ----------------------------------------------------------------------------------
+def all_mean_(tensors: Tensors, world: int, flat: bool = False) -> None:
+    """Each tensor becomes its mean over the `world` processes of the default group, in place.
+
+    flat=True: one all-reduce of the tensors concatenated (one dtype), else one per tensor.
+    """
+    if not tensors:
+        return
+    if not flat:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+            t.div_(world)
+        return
+    buffer = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(buffer)
+    buffer.div_(world)
+    for t, x in zip(tensors, buffer.split([t.numel() for t in tensors])):
+        t.copy_(x.view_as(t))
+
+
+def mean_over_processes(value: torch.Tensor, device) -> torch.Tensor:
+    """The mean of `value` over all processes of the default group (`value` itself without one)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    total = value.to(device).clone()  # NCCL reduces device tensors
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+# ---- side passes ------------------------------------------------------------------------------------
+@contextmanager
+def isolated(tensors: Tensors):
+    """A block after which the global RNG and `tensors` (BatchNorm statistics, weights) are as before."""
+    saved = snapshot(tensors)
+    rng = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(rng)
+        restore_(tensors, saved)

@@ -31,30 +31,28 @@ DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partit
 Refused with a message: FSDP1 (set fsdp_version 2), HSDP, ZeRO-3, DeepSpeed offload and fp16, the
 variants not listed below, and a run that asked for FSDP or DeepSpeed but was set up without it
 (accelerate does not shard on a CPU).
+
+Each backend is a sharding strategy (`FSDP2`, `DeepSpeed`: subclasses of hf_sam.step.Replicated,
+the plain/DDP one) that the Trainer front-end picks once (`configure`) and hands to every step
+context. A strategy changes the step only through the context's public operations (`use_params`,
+`discard_move`, `move_to_w`) and keeps its per-micro-batch state in `ctx.scratch`.
 """
 
 import dataclasses
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
 from . import ops
+from .step import REPLICATED, Replicated, unique_trainable
 
 logger = logging.getLogger(__name__)
 
 # Variants tested under FSDP2 and DeepSpeed ZeRO-1/2, both ascent modes, against their single-process
 # references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
 SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
-
-
-class Sharding:
-    """How this run is sharded (set once when the trainer is built)."""
-
-    def __init__(self, kind, sync_ascent_auto=False):
-        self.kind = kind  # "fsdp2" or "deepspeed"
-        self.sync_ascent_auto = sync_ascent_auto  # sync_ascent was left unset and FSDP chose global ascent
 
 
 def _env_true(name):
@@ -121,19 +119,21 @@ def _deepspeed_config(trainer):
     return getattr(plugin, "deepspeed_config", None) or {}
 
 
-def setup(trainer, config):
-    """`config` for this trainer: variants checked under FSDP2 / DeepSpeed, sync_ascent=None (auto) resolved."""
+def configure(trainer, config, previous=None):
+    """(strategy, config) for this trainer: the sharding strategy of its run, and `config` with the
+    variant checked under FSDP2 / DeepSpeed and sync_ascent=None (auto) resolved.
+
+    previous: the strategy this trainer used so far (the auto-ascent warning is given once per trainer).
+    """
     k = kind(trainer)
     if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
         if config.variant not in SHARDED_VARIANTS:
             raise ValueError(
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
                 f"{', '.join(SHARDED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
-        trainer._sam_sharding = Sharding("deepspeed")
-        return config
+        return DeepSpeed(), config
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
-        trainer._sam_sharding = None
-        return config
+        return REPLICATED, config
     auto = config.sync_ascent is None
     if auto:
         config = dataclasses.replace(config, sync_ascent=True)
@@ -141,14 +141,67 @@ def setup(trainer, config):
         raise ValueError(
             f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(SHARDED_VARIANTS)} are "
             f"tested on sharded parameters). Use DDP for {config.variant!r}.")
-    previous = getattr(trainer, "_sam_sharding", None)
     if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
             "sharded memory; each pass all-gathers and reduce-scatters, +1 scalar all-reduce per micro-batch). Set "
             "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
-    trainer._sam_sharding = Sharding("fsdp2", sync_ascent_auto=auto)
-    return config
+    return FSDP2(sync_ascent_auto=auto), config
+
+
+def setup(trainer, config, previous=None):
+    """`config` resolved for this trainer (the checks of `configure`, without the strategy)."""
+    return configure(trainer, config, previous)[1]
+
+
+class FSDP2(Replicated):
+    """FSDP2 (fully_shard): global ascent on the shards, or per-device ascent on unsharded parameters."""
+
+    kind = "fsdp2"
+
+    def __init__(self, sync_ascent_auto=False):
+        self.sync_ascent_auto = sync_ascent_auto
+
+    def pass_context(self, ctx, sync, final):
+        return _fsdp_pass(ctx, sync, final)
+
+    def descend(self, ctx, d) -> bool:
+        return _fsdp_descend_with(ctx, d)
+
+    def grads_are_global(self, ctx) -> bool:
+        return True  # every pass reduce-scatters (a per-device d goes through `descend`)
+
+    def release(self, ctx) -> None:
+        release(ctx)
+
+    def state_to_save(self, state):
+        """sam_state with every DTensor replaced by its local shard (each rank saves its own file)."""
+        return _map(state, lambda t: t.to_local() if ops.is_sharded(t) else t)
+
+    def state_loaded(self, state, optimizer):
+        return _state_loaded(state, optimizer)
+
+
+class DeepSpeed(Replicated):
+    """DeepSpeed ZeRO-1/2: replicated parameters, the engine's partitioned gradients and step."""
+
+    kind = "deepspeed"
+
+    def pass_context(self, ctx, sync, final):
+        return _deepspeed_pass(ctx, sync, final)
+
+    def descend(self, ctx, d) -> bool:
+        """d goes through the engine like any other gradient: a backward of sum_i <p_i, d_i> (whose
+        gradient is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the last
+        micro-batch."""
+        pairs = [(p, x) for p, x in zip(ctx.params, d) if x is not None]
+        surrogate = sum((p * x.detach().to(p.dtype)).sum() for p, x in pairs)
+        ctx.trainer.accelerator.backward(surrogate, scale_wrt_gas=False)
+        return True
+
+    def trainable(self, model):
+        """The module's trainable parameters (the engine's optimizer holds flat partitions)."""
+        return unique_trainable([{"params": list(model.parameters())}])
 
 
 # ---- FSDP2 mechanics --------------------------------------------------------------------------------
@@ -184,37 +237,14 @@ class _StepState:
         self.held = None  # FSDPParam list aligned with ctx.selection.params while unsharded is held
 
 
+_STEP = "fsdp2"  # ctx.scratch entry: the _StepState of this micro-batch
+
+
 def _state(ctx):
-    st = getattr(ctx, "_sam_sharded_step", None)
+    st = ctx.scratch.get(_STEP)
     if st is None:
-        st = ctx._sam_sharded_step = _StepState(ctx)
+        st = ctx.scratch[_STEP] = _StepState(ctx)
     return st
-
-
-def pass_context(ctx, sync, final):
-    """The context one pass of a SAM step runs in (DDP: no_sync for a per-device temporary pass)."""
-    sharding = getattr(ctx.trainer, "_sam_sharding", None)
-    if sharding is None:
-        if final:
-            return nullcontext()
-        return _ddp_synced(ctx.model) if sync else ctx.no_sync()
-    if sharding.kind == "deepspeed":
-        return _deepspeed_pass(ctx, sync, final)
-    return _fsdp_pass(ctx, sync, final)
-
-
-@contextmanager
-def _ddp_synced(model):
-    """A global-ascent pass under DDP also on a non-final micro-batch, where the Trainer's no_sync is active."""
-    if not hasattr(model, "require_backward_grad_sync"):
-        yield
-        return
-    before = model.require_backward_grad_sync
-    model.require_backward_grad_sync = True  # read in the forward: covers forward and backward
-    try:
-        yield
-    finally:
-        model.require_backward_grad_sync = before
 
 
 @contextmanager
@@ -266,20 +296,19 @@ def _hold_unsharded(ctx, st):
             u.grad = fp.unsharded_accumulated_grad.to(u.dtype)
             fp.unsharded_accumulated_grad = None
         unsharded.append(u)
-    ctx.params = unsharded
+    ctx.use_params(unsharded)
 
 
 def _drop_unsharded(ctx, st):
     """The descent pass resharded: w + e is gone with the unsharded parameters; the shards never moved."""
-    ctx.params = ctx.selection.params
-    ctx._moved = False
-    ctx._saved = None
+    ctx.use_params(None)
+    ctx.discard_move()
     st.held = None
 
 
 def release(ctx):
     """Called when a micro-batch ends (also on error): drop held unsharded parameters and their grads."""
-    st = getattr(ctx, "_sam_sharded_step", None)
+    st = ctx.scratch.get(_STEP)
     if st is None or st.held is None:
         return
     for fp in st.held:
@@ -288,25 +317,9 @@ def release(ctx):
     _drop_unsharded(ctx, st)
 
 
-def grads_are_global(ctx):
-    """Whether set_final's descent gradient is already the global mean (FSDP: every pass reduce-scatters)."""
-    sharding = getattr(ctx.trainer, "_sam_sharding", None)
-    return sharding is not None and sharding.kind == "fsdp2"
-
-
 # ---- DeepSpeed ZeRO-1/2 mechanics -------------------------------------------------------------------
 # The module's parameters are full and replicated; the engine's optimizer holds flat fp32 partitions,
 # and its backward sends the gradients into them through hooks on the parameters (p.grad stays None).
-def trainable(trainer):
-    """The parameters the variants work on: the module's under DeepSpeed (the optimizer's are flat), else None."""
-    sharding = getattr(trainer, "_sam_sharding", None)
-    if sharding is None or sharding.kind != "deepspeed":
-        return None
-    from .step import unique_trainable
-
-    return unique_trainable([{"params": list(trainer.model.parameters())}])
-
-
 def _engine(ctx):
     return ctx.trainer.accelerator.deepspeed_engine_wrapped.engine
 
@@ -336,7 +349,7 @@ def _deepspeed_pass(ctx, sync, final):
         real_step = engine.step
 
         def step(*args, **kwargs):
-            ctx._position(None)
+            ctx.move_to_w()
             return real_step(*args, **kwargs)
 
         with _patched(engine, "step", step):
@@ -357,51 +370,19 @@ def _deepspeed_pass(ctx, sync, final):
     leaf_of = {id(p): leaves[n] for n, p in named}
     grads = [leaf_of[id(p)].grad if id(p) in leaf_of else None for p in ctx.params]
     if sync and ctx.num_processes > 1:  # global ascent: the mean over processes, one all-reduce
-        present = [g for g in grads if g is not None]
-        flat = torch.cat([g.reshape(-1) for g in present])
-        torch.distributed.all_reduce(flat)
-        flat.div_(ctx.num_processes)
-        for g, x in zip(present, flat.split([g.numel() for g in present])):
-            g.copy_(x.view_as(g))
+        ops.all_mean_([g for g in grads if g is not None], ctx.num_processes, flat=True)
     for p, g in zip(ctx.params, grads):
         p.grad = g  # read and cleared by the step right after this pass
 
 
-def descend_with(ctx, d):
-    """Finish the micro-batch with the explicit descent gradient d where sharding needs it; else False.
-
-    DeepSpeed: the gradient goes through the engine like any other: a backward of sum_i <p_i, d_i>
-    (whose gradient is d) lets ZeRO reduce it (the mean over processes) and accelerate step on the
-    last micro-batch. FSDP2 per-device ascent: d is this device's full gradient; it is averaged and
-    reduce-scattered into the sharded gradients, and the unsharded parameters are dropped.
-    FSDP2 global ascent: d is sharded and global already (False: the step adds it).
-    """
-    sharding = getattr(ctx.trainer, "_sam_sharding", None)
-    if sharding is None:
-        return False
-    if sharding.kind == "fsdp2":
-        return _fsdp_descend_with(ctx, d)
-    pairs = [(p, x) for p, x in zip(ctx.params, d) if x is not None]
-    surrogate = sum((p * x.detach().to(p.dtype)).sum() for p, x in pairs)
-    ctx.trainer.accelerator.backward(surrogate, scale_wrt_gas=False)
-    return True
-
-
 # ---- checkpoints: the variants' state holds DTensors under FSDP ---------------------------------------
-def state_to_save(state):
-    """sam_state with every DTensor replaced by its local shard (each rank saves its own file)."""
-    return _map(state, lambda t: t.to_local() if ops.is_sharded(t) else t)
-
-
-def state_loaded(trainer, state):
-    """Inverse of state_to_save: lists aligned with the trained parameters get their DTensor specs back."""
-    if getattr(trainer, "_sam_sharding", None) is None or trainer.optimizer is None:
+def _state_loaded(state, optimizer):
+    """Inverse of FSDP2.state_to_save: lists aligned with the trained parameters get their DTensor specs back."""
+    if optimizer is None:
         return state
     from torch.distributed.tensor import DTensor
 
-    from .step import unique_trainable
-
-    params = unique_trainable(trainer.optimizer.param_groups)  # what the variants' lists are aligned with
+    params = unique_trainable(optimizer.param_groups)  # what the variants' lists are aligned with
 
     def wrap(value):
         if isinstance(value, list) and len(value) == len(params):
@@ -423,7 +404,10 @@ def _map(value, fn):
 
 
 def _fsdp_descend_with(ctx, d):
-    st = getattr(ctx, "_sam_sharded_step", None)
+    """FSDP2 per-device ascent: d is this device's full gradient; it is averaged and reduce-scattered
+    into the sharded gradients, and the unsharded parameters are dropped. Global ascent: d is sharded
+    and global already (False: the step adds it)."""
+    st = ctx.scratch.get(_STEP)
     if st is None or st.held is None:
         return False
     from torch.distributed.tensor import DTensor, Partial

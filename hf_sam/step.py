@@ -31,13 +31,27 @@ the user's closure. A front-end provides:
 
 Lists of per-parameter tensors are aligned with `ctx.params` (every trainable parameter the
 optimizer updates); None entries mean "nothing for this parameter".
+
+Sharding is a strategy the front-end hands to the context (`StepContext(..., sharding=)`): the
+context asks it for the context each pass runs in, for the descent with an explicit gradient,
+whether gradients are global already, and to release what it holds when the micro-batch ends.
+`Replicated` (one process or DDP) is the default; hf_sam.sharded has FSDP2 and DeepSpeed. A
+strategy works through the context's public operations (`use_params`, `discard_move`,
+`move_to_w`, `scratch`), never its private state; this module imports no backend.
+
+What a variant may call directly (so that it stays correct on sharded tensors, FSDP2's DTensors):
+elementwise operations on lists aligned with ctx.params (`torch._foreach_add_/mul_/...`, an
+elementwise op on one entry); every reduction across parameters (norms, inner products) goes
+through `hf_sam.ops` (`global_norm`, `global_dot`), every collective through the context
+(`ctx.mean_over_processes`). tests/test_architecture.py holds the variants to this rule.
 """
 
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
 
-from . import ops, sharded
+from . import ops
 from .params import select_parameters
 from .scaling import layer_factors
 
@@ -45,13 +59,16 @@ from .scaling import layer_factors
 class Selection:
     """What a run perturbs, computed once: all trainable params, which are perturbed, their factors."""
 
-    def __init__(self, params, names, selected, s=None, q=None, batchnorms=()):
+    def __init__(self, params, names, selected, s=None, q=None, batchnorms=(), named_order=None):
         self.params = params
         self.names = names
         self.selected = selected
         self.s = s  # numerator factor per param (None: all 1)
         self.q = q  # norm weight per param (None: all 1)
         self.batchnorms = list(batchnorms)  # running-stat buffers of BatchNorm modules
+        # indices of params in model.named_parameters() order (the order noise is drawn in; without a
+        # model, the optimizer's order)
+        self.named_order = list(range(len(params))) if named_order is None else list(named_order)
 
     @property
     def selected_names(self) -> list[str]:
@@ -87,7 +104,72 @@ def build_selection(model, params, config, names=None) -> Selection:
         s = [float(next(it_s)) if keep else 1.0 for keep in selected]
         q = [float(next(it_q)) if keep else 1.0 for keep in selected]
     batchnorms = ops.batchnorm_buffers(ops.batchnorms(model)) if model is not None else []
-    return Selection(params, names, selected, s, q, batchnorms)
+    position = {id(p): k for k, (_, p) in enumerate(model.named_parameters())} if model is not None else {}
+    order = sorted(range(len(params)), key=lambda i: position.get(id(params[i]), len(position) + i))
+    return Selection(params, names, selected, s, q, batchnorms, order)
+
+
+class Replicated:
+    """The sharding strategy of a run whose parameters are replicated: one process, or DDP.
+
+    A strategy tells the step context what sharding changes (hf_sam.sharded has FSDP2 and DeepSpeed,
+    subclasses of this one). Its methods:
+
+        pass_context(ctx, sync, final)  the context manager one pass runs in
+        descend(ctx, d) -> bool         finish the micro-batch with an explicit descent gradient d
+                                        where sharding needs it (False: the step adds d to .grad)
+        grads_are_global(ctx) -> bool   set_final's d is already the mean over processes
+        release(ctx)                    the micro-batch ends (also on error): drop what it holds
+        trainable(model)                the parameters the variants work on (None: the optimizer's)
+        state_to_save(state) / state_loaded(state, optimizer)   the variant state in checkpoints
+
+    Per-micro-batch state goes in `ctx.scratch`; per-run state on the strategy object itself, which
+    the front-end keeps (SAMTrainer: `trainer._sam.sharding`).
+    """
+
+    kind = None  # "fsdp2", "deepspeed" in hf_sam.sharded
+    sync_ascent_auto = False  # sync_ascent was left unset and the backend chose global ascent
+
+    def pass_context(self, ctx, sync, final):
+        """DDP: a per-device temporary pass runs under no_sync; a global-ascent one is synced."""
+        if final:
+            return nullcontext()
+        return _ddp_synced(ctx.model) if sync else ctx.no_sync()
+
+    def descend(self, ctx, d) -> bool:
+        return False
+
+    def grads_are_global(self, ctx) -> bool:
+        return False
+
+    def release(self, ctx) -> None:
+        return None
+
+    def trainable(self, model):
+        return None
+
+    def state_to_save(self, state):
+        return state
+
+    def state_loaded(self, state, optimizer):
+        return state
+
+
+REPLICATED = Replicated()
+
+
+@contextmanager
+def _ddp_synced(model):
+    """A global-ascent pass under DDP also on a non-final micro-batch, where the Trainer's no_sync is active."""
+    if not hasattr(model, "require_backward_grad_sync"):
+        yield
+        return
+    before = model.require_backward_grad_sync
+    model.require_backward_grad_sync = True  # read in the forward: covers forward and backward
+    try:
+        yield
+    finally:
+        model.require_backward_grad_sync = before
 
 
 class Metrics:
@@ -124,7 +206,17 @@ class Metrics:
 
 
 class StepContext:
-    def __init__(self, front, config, selection, state, metrics):
+    """One micro-batch of a sharpness-aware step (see the module docstring).
+
+    Public state: front, trainer, model, inputs, num_items_in_batch, config, selection, names,
+    state (the variant's persistent state, saved with checkpoints), metrics, sharding (the
+    strategy), scratch (a dict for this micro-batch only: variants and the sharding strategy keep
+    what they compute once per micro-batch there), passes, clean_loss, perturbed_loss, last_loss.
+    `params` are the tensors the step works on: the optimizer's (sharded) parameters, or what the
+    sharding strategy set with `use_params` (FSDP2's unsharded parameters of a per-device ascent).
+    """
+
+    def __init__(self, front, config, selection, state, metrics, sharding=None):
         self.front = front
         self.trainer = front.trainer  # None outside the Trainer (hf_sam.SAM)
         self.model = front.model
@@ -136,6 +228,8 @@ class StepContext:
         self.names = selection.names
         self.state = state  # the variant's persistent state (saved with checkpoints)
         self.metrics = metrics
+        self.sharding = REPLICATED if sharding is None else sharding
+        self.scratch = {}  # per micro-batch: what variants and the sharding strategy compute once
         self.passes = 0
         self.clean_loss = None  # L(w) of this micro-batch, scaled as the front-end scales it
         self.perturbed_loss = None  # loss of the first pass away from w
@@ -190,7 +284,7 @@ class StepContext:
         return self.front.no_sync()
 
     # ---- passes ------------------------------------------------------------------------------
-    def grad(self, at=None, final=False, loss_hook=None, release=False):
+    def grad(self, at=None, final=False, loss_hook=None, release=False, only=None):
         """One forward+backward pass at w + at (at=None: at w).
 
         Temporary pass (final=False): returns the gradients (aligned with ctx.params) and leaves
@@ -200,6 +294,10 @@ class StepContext:
         release: empty the list `at` once the weights have moved, so its tensors are freed before the
             pass runs (the weights come back from the snapshot, not from `at`): plain SAM then holds
             one parameter-sized buffer beyond the stock step.
+        only: (temporary pass) the indices of ctx.params that need a gradient; the others get None.
+            They have requires_grad off during the pass, which saves their backward (ESAM), unless
+            the pass communicates (sync_ascent on several processes: DDP reduces every gradient),
+            where they are computed and dropped.
 
         Non-finite guard (final pass away from w): when the pass's backward does not communicate
         (one process, or a non-final micro-batch of an accumulation window) and no fp16 GradScaler
@@ -226,13 +324,17 @@ class StepContext:
             self._record_loss(loss, at)
             return loss
         self._stash_grads()
-        loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook, keep=at is None and not self._kept)
+        with self._gradients_only(only):
+            loss = self._run_pass(sync=self.config.sync_ascent, loss_hook=loss_hook,
+                                  keep=at is None and not self._kept)
         grads = [p.grad for p in self.params]
         if at is None and not self._kept:
             self._kept, self._clean_grads = True, grads
         for p in self.params:
             p.grad = None
         self._record_loss(loss, at)
+        if only is not None:
+            grads = [x if i in only else None for i, x in enumerate(grads)]
         return grads
 
     def set_final(self, d):
@@ -248,7 +350,7 @@ class StepContext:
         if self._guard_allowed(communicates=False):
             self._drop_nonfinite(d, self.last_loss)
         self._unstash()
-        if sharded.descend_with(self, d):  # DeepSpeed: d goes through the engine's backward and step
+        if self.sharding.descend(self, d):  # DeepSpeed: d goes through the engine's backward and step
             self.final_done = True
             return
         with torch.no_grad():
@@ -260,12 +362,11 @@ class StepContext:
                     p.grad = x.detach()
             front = self.front
             if front.num_processes > 1 and front.sync_gradients and torch.distributed.is_initialized() \
-                    and not sharded.grads_are_global(self):
+                    and not self.sharding.grads_are_global(self):
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(front.num_processes)
+                ops.all_mean_([p.grad for p in self.params], front.num_processes)
         self.final_done = True
 
     # ---- the ascent ----------------------------------------------------------------------------
@@ -316,6 +417,21 @@ class StepContext:
         return out
 
     # ---- helpers for variants ------------------------------------------------------------------
+    def mean_over_processes(self, value):
+        """The mean of a tensor over all processes (one all-reduce; `value` itself in one process).
+
+        Every process must call it (a collective). Returns a new tensor on the parameters' device.
+        """
+        return ops.mean_over_processes(value, self.params[0].device)
+
+    @contextmanager
+    def side_pass(self):
+        """A block for passes beside the step's own (SSAM's Fisher passes): no gradient communication,
+        and the global RNG and BatchNorm statistics are put back afterwards. `.grad` is the caller's
+        to leave alone (use torch.autograd.grad)."""
+        with ops.isolated(self.selection.batchnorms), self.no_sync():
+            yield
+
     def optimizer_state(self, key):
         """The base optimizer's per-parameter state entry `key`, aligned with ctx.params (None if absent)."""
         state = self.optimizer.state
@@ -334,7 +450,40 @@ class StepContext:
         """Factor turning a backpropagated gradient norm into the micro-batch mean loss's gradient norm."""
         return float(self.accumulation_steps) * self.inverse_loss_scale()
 
+    # ---- for the sharding strategy ---------------------------------------------------------------
+    def move_to_w(self):
+        """Put the selected weights back at w now (DeepSpeed: just before the engine's step)."""
+        self._position(None)
+
+    def use_params(self, params=None):
+        """Work on `params` from now on (aligned with selection.params; None: the optimizer's own).
+
+        FSDP2's per-device ascent: the unsharded parameters, which hold this device's full gradient.
+        """
+        self.params = self.selection.params if params is None else list(params)
+
+    def discard_move(self):
+        """The moved tensors are gone (FSDP2 dropped the unsharded w + e; the shards never moved):
+        forget the snapshot instead of copying it back."""
+        self._moved = False
+        self._saved = None
+
     # ---- mechanics -----------------------------------------------------------------------------
+    @contextmanager
+    def _gradients_only(self, only):
+        """requires_grad off for the parameters outside `only` during one temporary pass (see `grad`)."""
+        if only is None or (self.config.sync_ascent and self.num_processes > 1):
+            yield
+            return
+        frozen = [p for i, p in enumerate(self.params) if i not in only and p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
     def _run_pass(self, sync, loss_hook=None, keep=True, final=False):
         self._clean_grads = None
         if self.passes == 0:
@@ -342,7 +491,7 @@ class StepContext:
         else:
             self._replay_rng()
             self._save_bn()
-        cm = sharded.pass_context(self, sync, final)  # DDP: front.no_sync() unless sync; FSDP2: hf_sam.sharded
+        cm = self.sharding.pass_context(self, sync, final)  # DDP: front.no_sync() unless sync
         try:
             with cm:
                 loss = self.front.run(loss_hook=loss_hook, keep=keep)
@@ -465,7 +614,7 @@ class StepContext:
 
     def close(self):
         """Always runs: weights back to w by copy, earlier gradients back, buffers freed."""
-        sharded.release(self)  # FSDP2 per-device ascent: drop the unsharded w + e (the shards never moved)
+        self.sharding.release(self)  # FSDP2 per-device ascent: drop the unsharded w + e (the shards never moved)
         try:
             if self._moved:
                 ops.restore_(self._saved_params(), self._saved)

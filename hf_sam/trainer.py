@@ -57,7 +57,9 @@ class SAMRun:
     config / variant: what the current run uses (a hyperparameter-search trial may override);
     state: the variant's persistent state (saved with checkpoints as sam_state.pt);
     metrics: on-device sums since the last log; selection: cached per optimizer;
-    flags: once-per-run warnings given; last_passes: passes of the latest micro-batch (FLOPs).
+    flags: once-per-run warnings given; last_passes: passes of the latest micro-batch (FLOPs);
+    sharding: the sharding strategy handed to every step context (hf_sam.step.Replicated for one
+    process or DDP, hf_sam.sharded's FSDP2 / DeepSpeed), chosen when the settings are applied.
     """
 
     explicit_config: SAMConfig | None
@@ -73,6 +75,7 @@ class SAMRun:
     flags: set = dataclasses.field(default_factory=set)
     set_up_variant: str | None = None
     reproduce_command: str | None = None
+    sharding: object = None
 
     def fresh(self):
         """Forget what belongs to one training run (a new train() call or trial starts clean)."""
@@ -245,6 +248,11 @@ class SAMMixin:
         return self._sam.variant
 
     @property
+    def sam_sharding(self):
+        """How this run is sharded: the strategy its steps use (`.kind`: None, "fsdp2" or "deepspeed")."""
+        return self._sam.sharding
+
+    @property
     def sam_state(self) -> dict:
         """The variant's persistent state (saved with checkpoints)."""
         return self._sam.state
@@ -262,7 +270,8 @@ class SAMMixin:
     def _sam_configure(self, config: SAMConfig) -> None:
         """Use `config` from now on: variant, early selection check, the variant's own set-up."""
         run = self._sam
-        config = sharded.setup(self, config)  # FSDP2/DeepSpeed: variants checked; sync_ascent=None (auto) resolved
+        # FSDP2/DeepSpeed: variants checked; sync_ascent=None (auto) resolved
+        run.sharding, config = sharded.configure(self, config, previous=run.sharding)
         run.config, run.variant = config, get_variant(config.variant)
         run.selection = run.selection_owner = None
         self._sam_check_selection()
@@ -348,7 +357,8 @@ class SAMMixin:
             return self._sam_run_pass(m, batch, n, *args, **kwargs)
 
         front = TrainerFrontEnd(self, model, inputs, num_items_in_batch, stock_step)
-        ctx = StepContext(front, self.sam_config, self._sam_selection(), self._sam.state, self._sam_metrics())
+        ctx = StepContext(front, self.sam_config, self._sam_selection(), self._sam.state, self._sam_metrics(),
+                          sharding=self._sam.sharding)
         try:
             return run_step(self.sam_variant, ctx)
         finally:
@@ -392,7 +402,7 @@ class SAMMixin:
     def _sam_selection(self):
         run, opt = self._sam, self.optimizer
         if run.selection is None or run.selection_owner is not opt:
-            params = sharded.trainable(self) or unique_trainable(opt.param_groups)  # DeepSpeed: the module's
+            params = run.sharding.trainable(self.model) or unique_trainable(opt.param_groups)  # DeepSpeed: the module's
             run.selection = build_selection(self.model, params, self.sam_config)
             run.selection_owner = opt
         return run.selection
@@ -438,7 +448,7 @@ class SAMMixin:
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.sam_state:
-            torch.save(sharded.state_to_save(self.sam_state), self._sam_state_path(output_dir))
+            torch.save(self._sam.sharding.state_to_save(self.sam_state), self._sam_state_path(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -449,7 +459,7 @@ class SAMMixin:
             self.sam_state.clear()
             device = self.args.device if self.args.device.type != "cpu" else "cpu"  # torch.load rejects "cpu:0"
             state = torch.load(path, map_location=device, weights_only=True)
-            self.sam_state.update(sharded.state_loaded(self, state))
+            self.sam_state.update(self._sam.sharding.state_loaded(state, self.optimizer))
 
     # ---- model card ------------------------------------------------------------------------------
     def sam_tags(self) -> list[str]:

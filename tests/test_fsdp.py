@@ -132,8 +132,8 @@ def test_refusals_name_the_fix(monkeypatch):
 def test_sync_ascent_default_depends_on_fsdp(caplog):
     tr = _fake("fsdp", fsdp=True)
     with caplog.at_level(logging.WARNING, logger="hf_sam.sharded"):
-        cfg = sharded.setup(tr, tr.sam_config)
-    assert cfg.sync_ascent is True and tr._sam_sharding.sync_ascent_auto
+        tr.sam_sharding, cfg = sharded.configure(tr, tr.sam_config)  # the strategy SAMTrainer keeps
+    assert cfg.sync_ascent is True and tr.sam_sharding.sync_ascent_auto
     assert "global ascent" in caplog.text
     tr.sam_config = cfg
     assert "the default under FSDP" in _ascent(tr)

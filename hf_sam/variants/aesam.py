@@ -30,7 +30,7 @@ import math
 import torch
 
 from .. import ops
-from .registry import register
+from .registry import Facts, register
 
 AESAM_PAPER = {
     "title": "An Adaptive Policy to Employ Sharpness-Aware Minimization",
@@ -69,11 +69,7 @@ def aesam(ctx):
     g = ctx.grad()                                            # clean pass at w (always needed)
     gs = [x for x, s in zip(g, ctx.selection.selected) if x is not None and s]
     sq = (ops.global_norm(gs) * ctx.grad_unit()) ** 2 if gs else torch.zeros(())
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sq = sq.to(ctx.params[0].device).clone()             # NCCL reduces device tensors
-        dist.all_reduce(sq)
-        sq = sq / dist.get_world_size()
+    sq = ctx.mean_over_processes(sq)                          # every process: the same statistics
     if not decide(ctx, float(sq)):                            # same decision on every process
         ctx.set_final(g)                                      # plain step with the clean gradient
         return
@@ -82,4 +78,13 @@ def aesam(ctx):
     ctx.grad(at=e, final=True, release=True)                  # SAM: descent at w + e
 
 
-register("aesam", passes=2, paper=AESAM_PAPER)(aesam)
+AESAM_FACTS = Facts(
+    paper="Jiang, Yang, Zhang, Kwok, *An Adaptive Policy to Employ Sharpness-Aware Minimization*, ICLR 2023, "
+          "[2304.14647](https://arxiv.org/abs/2304.14647)",
+    settings="`rho`, `aesam_delta` (0.9), `aesam_lambda1` (-1), `aesam_lambda2` (1) — defaults unverified",
+    passes="1 + P(SAM)",
+    memory="1 on SAM steps; 4 scalars of state",
+)
+
+
+register("aesam", passes=2, paper=AESAM_PAPER, facts=AESAM_FACTS)(aesam)

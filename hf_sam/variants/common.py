@@ -8,10 +8,13 @@
   run is reproducible, a resumed run draws what an uninterrupted one draws, nothing about the
   generators is stored, and both front-ends (SAMTrainer, hf_sam.SAM) draw the same numbers;
 - `named_order`: the order in which noise is drawn (model.named_parameters());
-- `base_optimizer`: the torch optimizer behind wrappers (accelerate's AcceleratedOptimizer).
+- `base_optimizer`: the torch optimizer behind wrappers (accelerate's AcceleratedOptimizer);
+- the Trainer's private API, in one place (`host_loss`, `training_batches`, `keep_column`): the
+  variants that need the Trainer (SSAM's Fisher passes, WASAM's BatchNorm pass, SAF's index column)
+  reach its internals only through these, so a transformers change is mended here once.
 
-Every helper reads the step through the StepContext's properties (`ctx.seed`, `ctx.global_step`,
-`ctx.process_index`, `ctx.model`, `ctx.optimizer`), never through the Trainer.
+Every step helper reads the step through the StepContext's properties (`ctx.seed`, `ctx.global_step`,
+`ctx.process_index`, `ctx.model`, `ctx.optimizer`, `ctx.scratch`), never through the Trainer.
 """
 
 import hashlib
@@ -60,14 +63,14 @@ MICRO = "micro_step"  # ctx.state entry: [global_step, index of the latest micro
 
 def micro_step(ctx) -> int:
     """Index of this micro-batch inside its optimizer step (0-based), counted in the variant's state."""
-    cached = getattr(ctx, "_hf_sam_micro", None)
+    cached = ctx.scratch.get(MICRO)
     if cached is not None:
         return cached
     step = ctx.global_step
     last = ctx.state.get(MICRO)
     idx = int(last[1]) + 1 if last is not None and int(last[0]) == step else 0
     ctx.state[MICRO] = [step, idx]
-    ctx._hf_sam_micro = idx
+    ctx.scratch[MICRO] = idx
     return idx
 
 
@@ -82,14 +85,7 @@ def named_order(ctx) -> list[int]:
 
     Without a model (hf_sam.SAM built without model=) the order is the optimizer's.
     """
-    sel = ctx.selection
-    order = getattr(sel, "_hf_sam_named_order", None)
-    if order is None:
-        named = ctx.model.named_parameters() if ctx.model is not None else ()
-        position = {id(p): k for k, (_, p) in enumerate(named)}
-        order = sorted(range(len(ctx.params)), key=lambda i: position.get(id(ctx.params[i]), len(position) + i))
-        sel._hf_sam_named_order = order
-    return order
+    return ctx.selection.named_order
 
 
 def random_perturbation(ctx, draw) -> list:
@@ -149,3 +145,42 @@ def base_optimizer(optimizer):
     while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
+
+
+# ---- the Trainer's private API, in one place ---------------------------------------------------------
+def host_loss(trainer, model, batch):
+    """The host trainer's training loss on `batch` (inputs prepared, its loss context), forward only."""
+    batch = trainer._prepare_inputs(batch)
+    with trainer.compute_loss_context_manager():
+        return trainer.compute_loss(model, batch)
+
+
+def training_batches(trainer):
+    """The training set in order, in batches of per_device_train_batch_size, columns removed as the
+    Trainer removes them, inputs prepared (on the device)."""
+    ds = trainer.train_dataset
+    collator = trainer.data_collator
+    try:
+        import datasets
+
+        if isinstance(ds, datasets.Dataset):
+            ds = trainer._remove_unused_columns(ds, description="training")
+        else:
+            collator = trainer._get_collator_with_removed_columns(collator, description="training")
+    except ImportError:
+        collator = trainer._get_collator_with_removed_columns(collator, description="training")
+    loader = torch.utils.data.DataLoader(ds, batch_size=trainer.args.per_device_train_batch_size,
+                                         collate_fn=collator, shuffle=False)
+    for batch in loader:
+        yield trainer._prepare_inputs(batch)
+
+
+def keep_column(trainer, name) -> bool:
+    """Keep the dataset column `name` through remove_unused_columns; False when this Trainer cannot."""
+    try:
+        trainer._set_signature_columns_if_needed()
+        if name not in trainer._signature_columns:
+            trainer._signature_columns.append(name)
+    except (AttributeError, TypeError):
+        return False
+    return True

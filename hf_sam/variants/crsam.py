@@ -21,7 +21,7 @@ d computed in place in g+.
 
 import torch
 
-from .registry import register
+from .registry import Facts, register
 
 CRSAM_PAPER = {
     "title": "CR-SAM: Curvature Regularized Sharpness-Aware Minimization",
@@ -58,4 +58,13 @@ def crsam(ctx):
     ctx.set_final(g_plus)                             # d = g+ + gamma (g+ + g- - 2 g0) + beta (g+ - g-)
 
 
-register("crsam", passes=3, paper=CRSAM_PAPER)(crsam)
+CRSAM_FACTS = Facts(
+    paper="Wu, Luo, Wunsch, *CR-SAM: Curvature Regularized Sharpness-Aware Minimization*, AAAI 2024, arXiv "
+          "2312.13555",
+    settings="`crsam_gamma` (0.1), `crsam_beta` (0.1)",
+    passes="3",
+    memory="+2 (g0, g+, g- held together; d built in place in g+)",
+)
+
+
+register("crsam", passes=3, paper=CRSAM_PAPER, facts=CRSAM_FACTS)(crsam)

@@ -43,7 +43,7 @@ import torch
 
 from ..losses import batch_size, per_sample_loss, select_samples
 from .common import Noise
-from .registry import register
+from .registry import Facts, register
 
 ESAM_PAPER = {
     "title": "Efficient Sharpness-aware Minimization for Improved Training of Neural Networks",
@@ -104,20 +104,21 @@ def esam(ctx):
     n = batch_size(ctx.inputs)
     k = selected_count(cfg.esam_gamma, n)
     store = {}
-    freeze = not (cfg.sync_ascent and ctx.num_processes > 1)
-    frozen = [p for i, p in enumerate(ctx.params) if i not in kept and p.requires_grad] if freeze else []
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        g = ctx.grad(loss_hook=_capture_clean(store) if k < n else None)   # clean pass, grads on S
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    g = [x if i in kept else None for i, x in enumerate(g)]
+    g = ctx.grad(loss_hook=_capture_clean(store) if k < n else None, only=kept)   # clean pass, grads on S
     e = ctx.ascent(g, rho=cfg.rho / cfg.esam_beta, inplace=True)           # rho g_S / (beta ||g_S||)
     del g
     hook = _select(store["before"], k) if k < n else None                  # descent on B+
     ctx.grad(at=e, final=True, loss_hook=hook, release=True)
 
 
-register("esam", trainer_only=True, paper=ESAM_PAPER)(esam)
+ESAM_FACTS = Facts(
+    paper="Du et al., *Efficient Sharpness-aware Minimization for Improved Training of Neural Networks*, ICLR "
+          "2022, arXiv 2110.03141",
+    settings="`esam_beta` (0.5), `esam_gamma` (0.5)",
+    passes="clean pass with backward on ~beta of the tensors + 1 no-grad forward + 1 pass on gamma * n samples "
+           "(measured: 2 passes over 1.5 micro-batches of samples, 1 no-grad forward)",
+    memory="per-sample loss vectors",
+)
+
+
+register("esam", trainer_only=True, paper=ESAM_PAPER, facts=ESAM_FACTS)(esam)

@@ -28,7 +28,7 @@ import torch
 
 from .. import ops
 from .common import perturbed, pick
-from .registry import register
+from .registry import Facts, register
 
 FSAM_PAPER = {
     "title": "Friendly Sharpness-Aware Minimization",
@@ -80,4 +80,12 @@ def fsam(ctx):
     ctx.grad(at=e, final=True, release=True)                   # descent at w + e
 
 
-register("fsam", paper=FSAM_PAPER)(fsam)
+FSAM_FACTS = Facts(
+    paper="Li et al., *Friendly Sharpness-Aware Minimization*, CVPR 2024, arXiv 2403.12350",
+    settings="`fsam_sigma` (1.0), `fsam_lambda` (0.9)",
+    passes="2",
+    memory="+1 persistent (EMA m, in the checkpoint)",
+)
+
+
+register("fsam", paper=FSAM_PAPER, facts=FSAM_FACTS)(fsam)

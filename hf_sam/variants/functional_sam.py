@@ -33,23 +33,14 @@ rho (the paper tunes rho per model size; here 0.05 as SAM). Cost: 2 passes, +1 b
 logits-sized dz.
 """
 
-from collections.abc import Mapping
-
 import torch
 
+from ..losses import model_logits
 from . import psam as _psam
-from .registry import register
+from .registry import Facts, register
 
 ASCENTS = ("raw", "adam")
-
-
-def logits_of(outputs) -> torch.Tensor:
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and len(outputs) > 1 and torch.is_tensor(outputs[1]):
-        return outputs[1]
-    raise ValueError("variant='functional_sam' backpropagates through the model's logits, but its outputs have no "
-                     "'logits' entry.")
+USER = "variant='functional_sam' (it backpropagates through the logits)"
 
 
 def on_setup(trainer):
@@ -66,7 +57,7 @@ def functional_sam(ctx):
 
     def capture(compute, model, inputs, num_items_in_batch):  # clean pass: keep dL/dlogits at w
         loss, outputs = compute(inputs)
-        logits = logits_of(outputs)
+        logits = model_logits(outputs, USER)
         (dz,) = torch.autograd.grad(loss, logits, retain_graph=True, allow_unused=True)
         if dz is None:
             raise ValueError("variant='functional_sam': the training loss does not depend on outputs['logits'].")
@@ -75,7 +66,7 @@ def functional_sam(ctx):
 
     def replay(compute, model, inputs, num_items_in_batch):  # descent pass: J(w + e)^T dz
         loss, outputs = compute(inputs)
-        logits = logits_of(outputs)
+        logits = model_logits(outputs, USER)
         dz = store.pop("dz")
         if logits.shape != dz.shape:
             raise RuntimeError(f"variant='functional_sam': logits changed shape between the passes "
@@ -90,4 +81,15 @@ def functional_sam(ctx):
     ctx.grad(at=e, final=True, release=True, loss_hook=replay)
 
 
-register("functional_sam", paper=_psam.PSAM_PAPER, on_setup=on_setup, trainer_only=True)(functional_sam)
+FUNCTIONAL_SAM_FACTS = Facts(
+    paper="Singh, Mobahi, Agarwala, Dauphin, *Avoiding spurious sharpness minimization broadens applicability of "
+          "SAM*, ICML 2025, [2502.02407](https://arxiv.org/abs/2502.02407): descent J(w + e)^T dL/df(w) (the "
+          "output gradient of the clean pass)",
+    settings="`rho`, `functional_sam_ascent` (raw | adam, as `psam`; which the paper uses per run is unverified)",
+    passes="2",
+    memory="1 (e) + one logits-sized dL/dlogits",
+)
+
+
+register("functional_sam", paper=_psam.PSAM_PAPER, on_setup=on_setup, trainer_only=True,
+         facts=FUNCTIONAL_SAM_FACTS)(functional_sam)

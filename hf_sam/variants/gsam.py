@@ -33,7 +33,7 @@ import math
 import torch
 
 from .common import perturbed, pick, projection
-from .registry import register
+from .registry import Facts, register
 
 GSAM_PAPER = {
     "title": "Surrogate Gap Minimization Improves Sharpness-Aware Training",
@@ -110,4 +110,13 @@ def gsam(ctx):
     ctx.set_final(g_adv)
 
 
-register("gsam", paper=GSAM_PAPER, check=check)(gsam)
+GSAM_FACTS = Facts(
+    paper="Zhuang et al., *Surrogate Gap Minimization Improves Sharpness-Aware Training*, ICLR 2022, arXiv "
+          "2203.08065",
+    settings="`gsam_alpha` (0.4), `gsam_rho_min` (None = constant rho)",
+    passes="2",
+    memory="+1 (g kept beside g_adv)",
+)
+
+
+register("gsam", paper=GSAM_PAPER, check=check, facts=GSAM_FACTS)(gsam)

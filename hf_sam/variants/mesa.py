@@ -28,8 +28,8 @@ Cost: 1 pass + 1 no-grad forward; +1 parameter copy (the EMA).
 import torch
 from transformers import TrainerCallback
 
-from .registry import register
-from .saf import SAF_PAPER, check_trajectory_config, current_epoch, kl_term, logits_of
+from .registry import Facts, register
+from .saf import SAF_PAPER, check_trajectory_config, classification_logits, current_epoch, kl_term
 
 EMA = "mesa_ema"
 
@@ -85,7 +85,7 @@ def ema_logits(trainer, inputs) -> torch.Tensor:
             outputs = torch.func.functional_call(model, values, args=(), kwargs=dict(inputs))
     finally:
         model.train(was_training)
-    return logits_of(outputs, "mesa").detach()
+    return classification_logits(outputs, "mesa").detach()
 
 
 def mesa(ctx):
@@ -98,7 +98,7 @@ def mesa(ctx):
         ref = ema_logits(trainer, inputs) if active else None
         loss, outputs = compute(inputs)
         if active:
-            logits = logits_of(outputs, "mesa")
+            logits = classification_logits(outputs, "mesa")
             loss = loss + lam * kl_term(trainer, logits, ref, cfg.saf_temperature, num_items_in_batch)
         return loss, outputs
 
@@ -109,5 +109,13 @@ def on_setup(trainer):
     trainer.add_callback(MESACallback(trainer))
 
 
+MESA_FACTS = Facts(
+    paper="same",
+    settings="`saf_lambda` (0.3), `saf_temperature` (5), `saf_start` (5 epochs), `mesa_decay` (0.9998); no `rho`",
+    passes="1 + 1 no-grad forward",
+    memory="1 (EMA weights)",
+)
+
+
 register("mesa", passes=1, uses_rho=False, paper=SAF_PAPER, check=check_trajectory_config("mesa"),
-         on_setup=on_setup)(mesa)
+         on_setup=on_setup, facts=MESA_FACTS)(mesa)

@@ -31,7 +31,7 @@ import torch
 from transformers import Trainer
 
 from .common import base_optimizer
-from .registry import register
+from .registry import Facts, register
 
 MSAM_PAPER = {
     "title": "Momentum-SAM: Sharpness Aware Minimization without Computational Overhead",
@@ -134,4 +134,13 @@ def msam(ctx):
     ctx.grad(at=e, final=True, release=True)                # the one pass, at w - rho m / ||m||
 
 
-register("msam", passes=1, paper=MSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(msam)
+MSAM_FACTS = Facts(
+    paper="Becker, Altrock, Risse, *Momentum-SAM: Sharpness Aware Minimization without Computational Overhead*, "
+          "arXiv 2401.12033",
+    settings="rho (the paper uses large radii, e.g. 3)",
+    passes="1",
+    memory="none beyond the perturbation (reads the optimizer's momentum)",
+)
+
+
+register("msam", passes=1, paper=MSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer, facts=MSAM_FACTS)(msam)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from .common import base_optimizer
-from .registry import register
+from .registry import Facts, register
 
 PSAM_PAPER = {
     "title": "Avoiding spurious sharpness minimization broadens applicability of SAM",
@@ -111,4 +111,13 @@ def psam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + rho u / ||u||
 
 
-register("psam", paper=PSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer)(psam)
+PSAM_FACTS = Facts(
+    paper="Singh, Mobahi, Agarwala, Dauphin, *Avoiding spurious sharpness minimization broadens applicability of "
+          "SAM*, ICML 2025, [2502.02407](https://arxiv.org/abs/2502.02407)",
+    settings="`rho`; Adam/AdamW only",
+    passes="2",
+    memory="2 (u, snapshot)",
+)
+
+
+register("psam", paper=PSAM_PAPER, on_setup=on_setup, check_optimizer=check_optimizer, facts=PSAM_FACTS)(psam)

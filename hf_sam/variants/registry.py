@@ -2,8 +2,13 @@
 
 SAMConfig validation, SAMTrainer and hf_sam.SAM look variants up here (`get_variant`); every module
 of hf_sam.variants registers its own on import, and users add theirs with `@register("name")`.
+
+The registry is the one source of each variant's documented facts (`Facts`: paper, settings, passes,
+memory): the README's variants table is `variants_markdown()` (tests/test_architecture.py fails when
+the README is stale) and scripts/bench.py reads the memory figures from `get_variant(name).facts`.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,6 +17,23 @@ _REGISTRY: dict[str, "Variant"] = {}
 
 def _no_check(config) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the README's variants table states of a variant (one cell each, markdown).
+
+    paper: authors, title, venue and link ("same" repeats the row above); settings: the variant's
+    settings with their defaults; passes: forward+backward passes per micro-batch on a
+    sharpness-aware step, as documented (the number the FLOP count uses is `Variant.passes` and,
+    per micro-batch, `ctx.passes`); memory: extra memory in parameter-sized copies beyond the stock
+    Trainer's (what scripts/bench.py compares its measured peak with).
+    """
+
+    paper: str
+    settings: str
+    passes: str
+    memory: str
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class Variant:
     trainer_only: the step needs SAMTrainer: it reads `ctx.trainer`, or runs a pass with a
         `loss_hook` (only the Trainer front-end runs those). hf_sam.SAM refuses such variants, and
         those with `hooks` or `on_setup`.
+    facts: its row of the README's variants table (`Facts`); None: not in the table (user variants).
     """
 
     name: str
@@ -47,12 +70,13 @@ class Variant:
     on_setup: Callable | None = None
     trainer_only: bool = False
     check_optimizer: Callable | None = None
+    facts: Facts | None = None
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
              on_setup: Callable | None = None, trainer_only: bool = False,
-             check_optimizer: Callable | None = None, replace: bool = False):
+             check_optimizer: Callable | None = None, facts: Facts | None = None, replace: bool = False):
     """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable.
 
     The keyword arguments are the Variant fields above; replace=True overrides a registered name.
@@ -66,7 +90,7 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
                                   paper=dict(paper or {}), check=check or _no_check,
                                   hooks=dict(hooks or {}), on_setup=on_setup,
-                                  trainer_only=trainer_only, check_optimizer=check_optimizer)
+                                  trainer_only=trainer_only, check_optimizer=check_optimizer, facts=facts)
         return fn
 
     return wrap
@@ -87,3 +111,23 @@ def available() -> list[str]:
 
 def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
+
+
+def describe(name: str, facts: Facts) -> None:
+    """Give the registered variant `name` its documented facts (for a module that registers without)."""
+    _REGISTRY[name] = dataclasses.replace(get_variant(name), facts=facts)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe inside a markdown table cell
+
+
+def variants_markdown() -> str:
+    """The README's variants table: one row per variant with facts, in registration order."""
+    rows = ["| variant | paper | settings (default) | passes / step | extra memory |", "|---|---|---|---|---|"]
+    for v in _REGISTRY.values():
+        if v.facts is not None:
+            f = v.facts
+            rows.append(f"| `{v.name}` | {_cell(f.paper)} | {_cell(f.settings)} | {_cell(f.passes)} | "
+                        f"{_cell(f.memory)} |")
+    return "\n".join(rows)

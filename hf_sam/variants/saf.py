@@ -38,8 +38,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from .common import refuse_ascent_shaping
-from .registry import register
+from ..losses import model_logits
+from .common import keep_column, refuse_ascent_shaping
+from .registry import Facts, register
 
 SAF_PAPER = {
     "title": "Sharpness-Aware Training for Free",
@@ -65,13 +66,9 @@ def current_epoch(ctx) -> int:
     return int(math.floor(ctx.epoch + 1e-9))
 
 
-def logits_of(outputs, variant) -> torch.Tensor:
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        logits = outputs["logits"]
-    elif isinstance(outputs, (tuple, list)) and len(outputs) > 1:
-        logits = outputs[1]
-    else:
-        raise ValueError(f"variant={variant!r} needs the model's logits, but its outputs have no 'logits' entry.")
+def classification_logits(outputs, variant) -> torch.Tensor:
+    """The model's classification logits [batch, classes] (hf_sam.losses.model_logits, shape checked)."""
+    logits = model_logits(outputs, f"variant={variant!r}")
     if logits.dim() != 2:
         raise ValueError(f"variant={variant!r} supports classification logits of shape [batch, classes]; the model "
                          f"returned logits of shape {tuple(logits.shape)}.")
@@ -129,14 +126,9 @@ def on_setup(trainer):
         raise ValueError(f"variant='saf' needs each training sample's position: add a column {INDEX_COLUMN!r} "
                          f"(0 .. len(dataset) - 1) to the training dataset, e.g. "
                          f"dataset.map(lambda ex, i: {{'{INDEX_COLUMN}': i}}, with_indices=True).")
-    if trainer.args.remove_unused_columns:
-        try:
-            trainer._set_signature_columns_if_needed()
-            if INDEX_COLUMN not in trainer._signature_columns:
-                trainer._signature_columns.append(INDEX_COLUMN)
-        except (AttributeError, TypeError):
-            raise ValueError(f"variant='saf' needs the column {INDEX_COLUMN!r}, which remove_unused_columns=True "
-                             "would drop; set remove_unused_columns=False.") from None
+    if trainer.args.remove_unused_columns and not keep_column(trainer, INDEX_COLUMN):
+        raise ValueError(f"variant='saf' needs the column {INDEX_COLUMN!r}, which remove_unused_columns=True "
+                         "would drop; set remove_unused_columns=False.")
 
 
 def _bank(ctx, rows_needed, classes, slots):
@@ -173,7 +165,7 @@ def saf(ctx):
         inputs = dict(inputs)
         index = inputs.pop(INDEX_COLUMN).reshape(-1).long().cpu()
         loss, outputs = compute(inputs)
-        logits = logits_of(outputs, "saf")
+        logits = classification_logits(outputs, "saf")
         if index.numel() != logits.shape[0] or (index.numel() and int(index.min()) < 0):
             raise ValueError(f"variant='saf': {INDEX_COLUMN!r} must hold one non-negative index per sample.")
         bank = _bank(ctx, int(index.max()) + 1 if index.numel() else 0, logits.shape[-1], lag + 1)
@@ -186,5 +178,15 @@ def saf(ctx):
     ctx.grad(final=True, loss_hook=hook)
 
 
+SAF_FACTS = Facts(
+    paper="Du et al., *Sharpness-Aware Training for Free*, NeurIPS 2022, "
+          "[2205.14083](https://arxiv.org/abs/2205.14083)",
+    settings="`saf_lambda` (0.16), `saf_temperature` (5), `saf_start` (5 epochs), `saf_lag` (3 epochs); no `rho`; "
+             "needs a `sample_index` column",
+    passes="1",
+    memory="0 (+ host logit bank N·(lag+1)·C floats)",
+)
+
+
 register("saf", passes=1, uses_rho=False, paper=SAF_PAPER, check=check_trajectory_config("saf"),
-         on_setup=on_setup)(saf)
+         on_setup=on_setup, facts=SAF_FACTS)(saf)

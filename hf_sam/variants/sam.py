@@ -12,7 +12,7 @@ ASAM (Kwon, Kim, Park, Choi; ICML 2021; arXiv 2102.11600), the official form:
 Cost: two sequential forward+backward passes per micro-batch, one parameter-sized copy of w.
 """
 
-from .registry import register
+from .registry import Facts, register
 
 SAM_PAPER = {
     "title": "Sharpness-Aware Minimization for Efficiently Improving Generalization",
@@ -51,5 +51,22 @@ def sam(ctx):
     ctx.grad(at=e, final=True, release=True)  # descent pass at w + e, accumulates into .grad
 
 
-register("sam", paper=SAM_PAPER)(sam)
-register("asam", adaptive=True, paper=ASAM_PAPER)(sam)
+SAM_FACTS = Facts(
+    paper="Foret, Kleiner, Mobahi, Neyshabur, *Sharpness-Aware Minimization for Efficiently Improving "
+          "Generalization*, ICLR 2021, arXiv 2010.01412",
+    settings="`rho` (0.05)",
+    passes="2",
+    memory="1 (snapshot of the perturbed weights)",
+)
+
+ASAM_FACTS = Facts(
+    paper="Kwon, Kim, Park, Choi, *ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of "
+          "Deep Neural Networks*, ICML 2021, arXiv 2102.11600",
+    settings="`rho` (use ~10x SAM's, 0.5 to 2), `eta` (0.01); `adaptive=True` makes any variant's ascent adaptive",
+    passes="2",
+    memory="1 + transient T = |w| + eta",
+)
+
+
+register("sam", paper=SAM_PAPER, facts=SAM_FACTS)(sam)
+register("asam", adaptive=True, paper=ASAM_PAPER, facts=ASAM_FACTS)(sam)

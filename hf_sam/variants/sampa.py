@@ -41,7 +41,7 @@ import torch
 
 from .. import ops
 from .common import base_optimizer, micro_step
-from .registry import register
+from .registry import Facts, register
 
 SAMPA_PAPER = {
     "title": "SAMPa: Sharpness-aware Minimization Parallelized",
@@ -149,5 +149,14 @@ def sampa(ctx):
     _carry(ctx, g_y, seen[-1], last=micro == ctx.accumulation_steps - 1)
 
 
+SAMPA_FACTS = Facts(
+    paper="Xie, Pethick, Cevher, *SAMPa: Sharpness-aware Minimization Parallelized*, NeurIPS 2024, "
+          "[2410.10683](https://arxiv.org/abs/2410.10683)",
+    settings="`rho`, `sampa_lambda` (0.2)",
+    passes="2 (sequential; 1 on the first step)",
+    memory="3 (∇f(y), the next one, snapshot) + one window of inputs",
+)
+
+
 # The passes replay the previous window's inputs through a loss hook, which only the Trainer runs.
-register("sampa", trainer_only=True, paper=SAMPA_PAPER)(sampa)
+register("sampa", trainer_only=True, paper=SAMPA_PAPER, facts=SAMPA_FACTS)(sampa)

@@ -41,10 +41,9 @@ import warnings
 
 import torch
 
-from .. import ops
 from ..losses import batch_size, select_samples
-from .common import Noise, pick, place
-from .registry import register
+from .common import Noise, host_loss, pick, place
+from .registry import Facts, register
 
 SSAM_PAPER = {
     "title": "Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach",
@@ -87,21 +86,13 @@ def _fisher(ctx, params):
         warnings.warn(f"ssam_fisher_samples={ctx.config.ssam_fisher_samples} exceeds the micro-batch size {n}; "
                       f"the Fisher mask uses the {count} samples of the micro-batch.", stacklevel=4)
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    bn = ops.snapshot(ctx.selection.batchnorms)
-    rng = ops.rng_state()
-    try:
-        with ctx.no_sync():
-            for j in range(count):
-                sample = trainer._prepare_inputs(select_samples(ctx.inputs, [j]))
-                with trainer.compute_loss_context_manager():
-                    loss = trainer.compute_loss(model, sample)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for f, gr in zip(fisher, grads):
-                    if gr is not None:
-                        f.addcmul_(gr.float(), gr.float())
-    finally:
-        ops.set_rng_state(rng)
-        ops.restore_(ctx.selection.batchnorms, bn)
+    with ctx.side_pass():
+        for j in range(count):
+            loss = host_loss(trainer, model, select_samples(ctx.inputs, [j]))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for f, gr in zip(fisher, grads):
+                if gr is not None:
+                    f.addcmul_(gr.float(), gr.float())
     return fisher
 
 
@@ -188,4 +179,15 @@ def ssam(ctx):
     ctx.grad(at=e, final=True, release=True)                   # descent at w + e
 
 
-register("ssam", trainer_only=True, paper=SSAM_PAPER)(ssam)
+SSAM_FACTS = Facts(
+    paper="Mi et al., *Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach*, NeurIPS "
+          "2022, arXiv 2210.05177",
+    settings="`ssam_sparsity` (0.5), `ssam_mask` (fisher | dynamic), `ssam_update_interval` (100 steps), "
+             "`ssam_fisher_samples` (16), `ssam_drop_rate` (0.5, dynamic)",
+    passes="2, + N_s single-sample passes per Fisher refresh (measured 2.8 with N_s = 4 and a refresh every 5 "
+           "steps)",
+    memory="mask (1 byte per coordinate, in the checkpoint); fp32 Fisher buffer during a refresh",
+)
+
+
+register("ssam", trainer_only=True, paper=SSAM_PAPER, facts=SSAM_FACTS)(ssam)

@@ -41,7 +41,7 @@ import torch
 
 from .. import ops
 from .common import Noise, named_order, place, random_perturbation, refuse_ascent_shaping
-from .registry import register
+from .registry import Facts, register
 
 UNIVERSAL_PAPER = {
     "title": "A Universal Class of Sharpness-Aware Minimization Algorithms",
@@ -175,7 +175,33 @@ def _check(kind):
     return check
 
 
+FROBSAM_FACTS = Facts(
+    paper="Tahmasebi et al., *A Universal Class of Sharpness-Aware Minimization Algorithms*, ICML 2024, "
+          "[2406.03682](https://arxiv.org/abs/2406.03682)",
+    settings="`rho`, `universal_samples` (2, must be >= 2), `universal_lambda` (0.005)",
+    passes="1 + n (3)",
+    memory="4 (g0, Σ L_i G_i, Σ G_i, snapshot) + the noise",
+)
+
+DETSAM_FACTS = Facts(
+    paper="same",
+    settings="`rho`, `universal_samples` (1), `universal_lambda` (1.0), `detsam_half_cube` (0.01)",
+    passes="1 + n (2)",
+    memory="3 (g0, Σ, snapshot) + the noise",
+)
+
+TRACESAM_FACTS = Facts(
+    paper="same",
+    settings="`rho`, `universal_samples` (1), `universal_lambda` (1.0)",
+    passes="1 + n (2)",
+    memory="3 + the noise",
+)
+
+
 # The loss of every pass is read through a loss hook, which only the Trainer front-end runs.
-register("frobsam", trainer_only=True, passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"))(frobsam)
-register("detsam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"))(detsam)
-register("tracesam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"))(tracesam)
+register("frobsam", trainer_only=True, passes=3, paper=UNIVERSAL_PAPER, check=_check("frobsam"),
+         facts=FROBSAM_FACTS)(frobsam)
+register("detsam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("detsam"),
+         facts=DETSAM_FACTS)(detsam)
+register("tracesam", trainer_only=True, passes=2, paper=UNIVERSAL_PAPER, check=_check("tracesam"),
+         facts=TRACESAM_FACTS)(tracesam)

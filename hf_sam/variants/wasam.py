@@ -33,7 +33,8 @@ import torch
 from transformers import TrainerCallback
 
 from .. import ops
-from .registry import register
+from .common import training_batches
+from .registry import Facts, register
 from .sam import sam
 
 WASAM_PAPER = {
@@ -98,22 +99,6 @@ class WASAMCallback(TrainerCallback):
             update_average(self.trainer)
 
 
-def _bn_loader(trainer):
-    ds = trainer.train_dataset
-    collator = trainer.data_collator
-    try:
-        import datasets
-
-        if isinstance(ds, datasets.Dataset):
-            ds = trainer._remove_unused_columns(ds, description="training")
-        else:
-            collator = trainer._get_collator_with_removed_columns(collator, description="training")
-    except ImportError:
-        collator = trainer._get_collator_with_removed_columns(collator, description="training")
-    return torch.utils.data.DataLoader(ds, batch_size=trainer.args.per_device_train_batch_size,
-                                       collate_fn=collator, shuffle=False)
-
-
 def recompute_batchnorm(trainer, bns) -> None:
     """The official bn_update: reset the running statistics, then one pass over the training set in
     train mode with momentum b / (n + b) (an exact average over the batches)."""
@@ -127,8 +112,7 @@ def recompute_batchnorm(trainer, bns) -> None:
     seen = 0
     try:
         with torch.no_grad():
-            for batch in _bn_loader(trainer):
-                batch = trainer._prepare_inputs(batch)
+            for batch in training_batches(trainer):
                 first = next((v for v in batch.values() if torch.is_tensor(v)), None)
                 b = int(first.shape[0]) if first is not None else 1
                 for m in bns:
@@ -152,22 +136,15 @@ def use_average(trainer):
     if len(params) != len(st[AVG]):
         raise RuntimeError(f"WASAM average has {len(st[AVG])} tensors but the model has {len(params)} trainable "
                            "parameters; was the model changed after training?")
-    saved = ops.snapshot(params)
     bns = ops.batchnorms(trainer.model)
-    bn_buffers = ops.batchnorm_buffers(bns)
-    bn_saved = ops.snapshot(bn_buffers)
-    rng = ops.rng_state()  # the BatchNorm pass must not move the training RNG
-    try:
+    # the weights, the BatchNorm statistics and the training RNG (the BatchNorm pass draws) come back after
+    with ops.isolated(params + ops.batchnorm_buffers(bns)):
         with torch.no_grad():
             for p, a in zip(params, st[AVG]):
                 p.copy_(a)
         if bns:
             recompute_batchnorm(trainer, bns)
         yield
-    finally:
-        ops.restore_(params, saved)
-        ops.restore_(bn_buffers, bn_saved)
-        ops.set_rng_state(rng)
 
 
 @contextmanager
@@ -189,5 +166,14 @@ def on_setup(trainer):
     trainer.add_callback(WASAMCallback(trainer))
 
 
+WASAM_FACTS = Facts(
+    paper="Kaddour, Liu, Silva, Kusner, *When Do Flat Minima Optimizers Work?*, NeurIPS 2022, "
+          "[2202.00661](https://arxiv.org/abs/2202.00661)",
+    settings="`rho`, `wasam_swa_start` (0.75 of max_steps), `wasam_swa_interval` (0 = once per epoch)",
+    passes="2 (+ one BatchNorm pass per evaluation for BN models)",
+    memory="2 (SWA average, snapshot)",
+)
+
+
 register("wasam", paper=WASAM_PAPER, on_setup=on_setup,
-         hooks={"evaluate": _evaluate_hook, "save_model": _save_hook})(sam)
+         hooks={"evaluate": _evaluate_hook, "save_model": _save_hook}, facts=WASAM_FACTS)(sam)
