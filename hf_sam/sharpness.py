@@ -25,10 +25,11 @@ every gradient comes from `torch.autograd.grad`), each module's train/eval flag,
 are snapshotted and copied back), and every random-number state (`preserved_rng`: torch's CPU and CUDA
 generators, Python's and NumPy's, a data loader's). Each measurement logs its cost before it starts
 (passes, then seconds once the first unit is timed), shows a progress bar when long, and stops early
-at `max_seconds`, saying what it did (`return_info=True`: a report). Under DDP (torch.distributed initialised, world size > 1) every
-rank passes its own share of the batches; the sums are all-reduced, so each rank returns the mean
-over the union of the batches (for Hessian products the vector is all-reduced at every iteration,
-since `autograd.grad` bypasses DDP's hooks; the double backward runs on the unwrapped `model.module`).
+at `max_seconds`, saying what it did (`return_info=True`: a report). Under DDP (torch.distributed
+initialised, world size > 1) every rank passes its own share of the batches; the sums are all-reduced,
+so each rank returns the mean over the union of the batches (for Hessian products the vector is
+all-reduced at every iteration, since `autograd.grad` bypasses DDP's hooks; the double backward runs on
+the unwrapped `model.module`).
 """
 
 from __future__ import annotations

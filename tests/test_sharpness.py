@@ -425,9 +425,9 @@ def test_callback_leaves_a_lora_run_with_dropout_bit_identical(tmp_path):
 
     def run(out, callback):
         model = peft.get_peft_model(tiny.gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.2))
-        trainer = SAMTrainer(model=model, args=trainer_args(out, max_steps=3, eval_steps=3, learning_rate=0.05,
-                                                            gradient_accumulation_steps=2, per_device_train_batch_size=4),
-                             train_dataset=train, eval_dataset=valid)
+        args = trainer_args(out, max_steps=3, eval_steps=3, learning_rate=0.05, gradient_accumulation_steps=2,
+                            per_device_train_batch_size=4)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid)
         if callback:
             SharpnessCallback.attach(trainer, every=1, max_batches=1, iters=3, samples=2)
         trainer.train()
