@@ -51,8 +51,8 @@ from . import ops
 
 MEASURES = ("top_eigenvalue", "trace", "m_sharpness")
 logger = logging.getLogger(__name__)
-# a measurement whose projected time exceeds this says so at WARNING level (visible by default) and shows
-# a progress bar on a terminal; shorter ones log their estimate at INFO only
+# a measurement whose projected time exceeds this says so at WARNING level (visible by default; once per
+# kind of measurement, INFO after that) and shows a progress bar on a terminal; shorter ones log at INFO only
 LONG_SECONDS = 30.0
 _clock = time.perf_counter  # the budget's clock (tests put a fake one here)
 
@@ -237,16 +237,16 @@ def _axpy_(y, alpha, x):
     torch._foreach_add_(y, x, alpha=alpha)
 
 
-_QUIET = [0]  # > 0: estimates at INFO only (SharpnessCallback after its first measurement)
+_ANNOUNCED = set()  # (kind of message, measurement) already said at WARNING level: later ones go to INFO
 
 
-@contextmanager
-def _estimates_at_info():
-    _QUIET[0] += 1
-    try:
-        yield
-    finally:
-        _QUIET[0] -= 1
+def _say(kind, what, message, *args):
+    """A message that matters at WARNING level the first time per measurement kind in this process (a
+    callback, or a script measuring many checkpoints, repeats itself), at INFO after that; rank 0 only."""
+    first = (kind, what) not in _ANNOUNCED and _rank() == 0
+    if first:
+        _ANNOUNCED.add((kind, what))
+    logger.log(logging.WARNING if first else logging.INFO, message, *args)
 
 
 def _rank():
@@ -298,9 +298,12 @@ class _Meter:
         long = bounded > LONG_SECONDS
         cap = f", stopped at max_seconds={self.max_seconds:g}" if self.max_seconds is not None else \
             " (max_seconds= caps it)"
-        logger.log(logging.WARNING if long and not _QUIET[0] and _rank() == 0 else logging.INFO,
-                   "%s: the first %s took %.3g s; at most %d %ss: about %.0f s%s", self.what, self.unit, per,
+        message = ("%s: the first %s took %.3g s; at most %d %ss: about %.0f s%s", self.what, self.unit, per,
                    self.units, self.unit, projected, cap)
+        if long:
+            _say("estimate", self.what, *message)
+        else:
+            logger.info(*message)
         if _rank() == 0 and self.units > 1 and (self.progress or (self.progress is None and long)):
             from tqdm.auto import tqdm
 
@@ -328,8 +331,8 @@ class _Meter:
         seconds = _clock() - self.start
         if self.cut:
             reason = "max_seconds"
-            logger.warning("%s: stopped by max_seconds=%g after %d of %d %ss (%.1f s)%s", self.what, self.max_seconds,
-                           self.done, self.units, self.unit, seconds, detail)
+            _say("stopped", self.what, "%s: stopped by max_seconds=%g after %d of %d %ss (%.1f s)%s", self.what,
+                 self.max_seconds, self.done, self.units, self.unit, seconds, detail)
         return {"stopped": reason, f"{self.unit}s": self.done, "passes": self.done * self.passes,
                 "seconds": seconds, **extra}
 
@@ -397,7 +400,8 @@ def hessian_eigenvalues(model, batches, k=1, *, params=None, iters=100, tol=1e-4
     Rayleigh quotients, and a warning gives the residual reached).
     Cost: each Hessian-vector product is one forward and two backward passes per batch; the estimate is
     logged before the first product (in passes) and after it (in seconds: at WARNING level when it is
-    over LONG_SECONDS, with a progress bar on a terminal; progress=True / False forces it on / off).
+    over LONG_SECONDS, the first time per kind of measurement, with a progress bar on a terminal;
+    progress=True / False forces the bar on / off).
     return_vectors=True also returns the eigenvectors (lists of fp32 tensors shaped like the parameters);
     return_info=True also returns (last) a report: {"stopped": "converged" | "iters" | "max_seconds",
     "products", "passes", "seconds", "residual": the largest ||H v - lambda v|| / |lambda_1| of the pairs}.
@@ -924,8 +928,7 @@ class SharpnessCallback(TrainerCallback):
         deadline = None if self.max_seconds is None else start + self.max_seconds
         budget = dict(progress=self.progress, return_info=True)
         out, report = {}, {}
-        quiet = _estimates_at_info() if self.seconds else nullcontext()  # the first measurement says its cost
-        with preserved_rng(*([eval_dataloader] if eval_dataloader is not None else [])), quiet:
+        with preserved_rng(*([eval_dataloader] if eval_dataloader is not None else [])):
             batches = self.held_out_batches(eval_dataloader)
             for i, name in enumerate(self.measures):
                 left = _share(deadline, len(self.measures) - i)
