@@ -309,6 +309,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.m is not None and args.m < 1 or args.batch_size < 1 or (args.max_samples or 1) < 1:
         raise ScriptError("--m, --batch_size and --max_samples must be positive.")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ScriptError(f"--max_seconds {args.max_seconds:g}: a positive number of seconds (or leave it out).")
     for run in args.runs:
         if not Path(run).is_dir():
             raise ScriptError(f"{run} is not a run folder.")

@@ -535,6 +535,15 @@ def test_max_seconds_stops_early_and_reports_what_was_done(fake_clock, caplog):
     # converged within the budget: no cut
     _, info = hessian_eigenvalues(model, batches, iters=50, tol=1e-3, return_info=True)
     assert info["stopped"] == "converged"
+    # power iteration: the budget ends the first eigenvector's iterations; the second still gets its product
+    values, info = hessian_eigenvalues(model, batches, k=2, iters=100, tol=1e-12, method="power", max_seconds=9,
+                                       return_info=True)
+    assert len(values) == 2 and info["stopped"] == "max_seconds" and info["products"] == 4 + 1
+    # per-module blocks: 3 s for the first group (1 product), the 4 s left for the second (2 products)
+    by_group, infos = hessian_eigenvalues_by_group(model, batches, iters=30, tol=1e-12, max_seconds=6,
+                                                   return_info=True)
+    assert set(by_group) == set(infos) == {"inner.fc1", "inner.head"}
+    assert [infos[g]["products"] for g in ("inner.fc1", "inner.head")] == [1, 2]
 
     # Hutchinson: 5 samples fit in 10.5 s; the mean and standard error of those 5 z^T H z, with the exact Hessian
     trace, stderr, info = hessian_trace(model, batches, samples=100, seed=4, max_seconds=10.5, return_stderr=True,
