@@ -210,13 +210,15 @@ def measure_model(model, batches, args):
     out = {}
     if "top_eigenvalue" in args.measures:
         out["top_eigenvalue"] = sharpness.hessian_eigenvalues(model, batches, 1, iters=args.iters, tol=args.tol,
-                                                              seed=args.seed, method=args.method, which="largest")[0]
+                                                              seed=args.seed, method=args.method, which="largest",
+                                                              max_seconds=args.max_seconds)[0]
     if "trace" in args.measures:
         out["trace"], out["trace_stderr"] = sharpness.hessian_trace(model, batches, samples=args.samples,
-                                                                    seed=args.seed, return_stderr=True)
+                                                                    seed=args.seed, return_stderr=True,
+                                                                    max_seconds=args.max_seconds)
     if "m_sharpness" in args.measures:
         out["m_sharpness"] = sharpness.m_sharpness(model, batches, args.rho, m=args.m, adaptive=args.adaptive,
-                                                   eta=args.eta, seed=args.seed)
+                                                   eta=args.eta, seed=args.seed, max_seconds=args.max_seconds)
     return out
 
 
@@ -294,6 +296,8 @@ def build_parser():
                    help="eigenvalue method; power holds 2 vectors instead of up to --iters (default: lanczos)")
     p.add_argument("--samples", type=int, default=50, help="Hutchinson samples for the trace (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors (default: 0)")
+    p.add_argument("--max_seconds", type=float, default=None,
+                   help="stop each measure before a product that would overrun this many seconds (default: none)")
     p.add_argument("--command", default=None,
                    help="the training command to replay for the data, when the run folder has no model card")
     p.add_argument("--output", "-o", default="sharpness.png", help="PNG to write (default: sharpness.png)")
@@ -305,6 +309,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.m is not None and args.m < 1 or args.batch_size < 1 or (args.max_samples or 1) < 1:
         raise ScriptError("--m, --batch_size and --max_samples must be positive.")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ScriptError(f"--max_seconds {args.max_seconds:g}: a positive number of seconds (or leave it out).")
     for run in args.runs:
         if not Path(run).is_dir():
             raise ScriptError(f"{run} is not a run folder.")

@@ -4,6 +4,7 @@ the batches of the test's union, through a DDP-wrapped model, and writes rank<r>
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,26 @@ def callback_run(out_dir):
             "held_out_labels": [b["labels"].tolist() for b in callback.held_out_batches()]}
 
 
+def budget_run(ddp, share, rank):
+    """max_seconds under DDP with clocks that disagree (rank 1's runs 3x faster): the ranks still stop at the
+    same product (a rank leaving the loop alone would leave the other waiting in its all-reduce)."""
+    from hf_sam import sharpness
+
+    calls = [0]
+
+    def clock():
+        calls[0] += 1
+        return calls[0] * (1.0 if rank == 0 else 3.0)
+
+    sharpness._clock = clock
+    try:
+        trace, stderr, info = hessian_trace(ddp, share, samples=40, seed=5, max_seconds=30, return_stderr=True,
+                                            return_info=True)
+    finally:
+        sharpness._clock = time.perf_counter
+    return {"trace": [trace, stderr], "samples": info["samples"], "stopped": info["stopped"]}
+
+
 def main(out_dir):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -46,6 +67,7 @@ def main(out_dir):
         "trace": list(hessian_trace(ddp, share, samples=20, seed=5, return_stderr=True)),
         "weights_unchanged": all(torch.equal(p, b) for p, b in zip(model.parameters(), before)),
     }
+    result["budget"] = budget_run(ddp, share, rank)
     result["callback"] = callback_run(out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -281,6 +281,11 @@ def test_two_process_ddp_equals_one_process_on_the_union(tmp_path):
     one = hessian_trace(model, batches, samples=20, seed=5, return_stderr=True)
     assert r0["trace"][0] == pytest.approx(one[0], rel=1e-5)  # the same Rademacher vectors on every rank
     assert r0["trace"][1] == pytest.approx(one[1], rel=1e-4)
+    # max_seconds with clocks that disagree: the ranks stopped together, at the sample where the faster clock ran out
+    budget = r0["budget"]
+    assert budget["stopped"] == "max_seconds" and 2 <= budget["samples"] < 40
+    cut = hessian_trace(model, batches, samples=budget["samples"], seed=5, return_stderr=True)
+    assert budget["trace"] == pytest.approx(list(cut), rel=1e-4)
 
     # the callback on a stock Trainer under DDP: each rank measured 2 of the 4 eval batches
     logged = r0["callback"]["logged"]
@@ -367,3 +372,224 @@ def test_callback_every_n_steps_on_its_own_dataset(tmp_path):
     with pytest.warns(UserWarning, match="attach"):
         trainer.train()
     assert [e["step"] for e in trainer.state.log_history if "sharpness/trace" in e] == [2, 4]
+
+
+# -----------------------------------------------------------------------------
+# The callback changes nothing about training: random streams, logs
+
+
+def training_entries(trainer):
+    """The Trainer's own log entries (everything but the callback's)."""
+    return [e for e in trainer.state.log_history if not any(k.startswith("sharpness/") for k in e)]
+
+
+def dropout_bn_run(tmp_path, cls, every, callback, ga=2):
+    """A dropout + BatchNorm MLP over two epochs (the second epoch's shuffle draws from the global RNG)."""
+    torch.manual_seed(0)
+    model = tiny.MLP(d_in=3, dropout=0.3, batchnorm=True)
+    args = trainer_args(tmp_path, max_steps=6, eval_steps=3, gradient_accumulation_steps=ga,
+                        per_device_train_batch_size=4)
+    trainer = cls(model=model, args=args, train_dataset=tiny.Blobs(n=40, d_in=3),
+                  eval_dataset=tiny.Blobs(n=16, d_in=3, seed=9))
+    if callback:
+        SharpnessCallback.attach(trainer, every=every, max_batches=2, iters=5, samples=2, rho=0.1, m=4)
+    trainer.train()
+    return model, trainer
+
+
+@pytest.mark.parametrize("cls,every", [(Trainer, "eval"), (Trainer, 2), (SAMTrainer, "eval"), (SAMTrainer, 2)])
+def test_callback_leaves_training_bit_identical_with_dropout_and_batchnorm(tmp_path, cls, every):
+    plain, plain_trainer = dropout_bn_run(tmp_path / "plain", cls, every, callback=False)
+    measured, trainer = dropout_bn_run(tmp_path / "measured", cls, every, callback=True)
+    logged = [e["step"] for e in trainer.state.log_history if "sharpness/trace" in e]
+    assert logged == ([3, 6] if every == "eval" else [2, 4, 6])
+    for (n, p), q in zip(measured.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), n
+    for a, b in zip(measured.buffers(), plain.buffers()):  # BatchNorm running statistics
+        assert torch.equal(a, b)
+    # the Trainer's own entries (training loss at every step, evaluations, the summary) are all there, equal
+    ours, theirs = training_entries(trainer), training_entries(plain_trainer)
+    assert [e["step"] for e in ours if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    strip = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_runtime",
+             "eval_samples_per_second", "eval_steps_per_second")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in ours] == \
+        [{k: v for k, v in e.items() if k not in strip} for e in theirs]
+
+
+def test_callback_leaves_a_lora_run_with_dropout_bit_identical(tmp_path):
+    peft = pytest.importorskip("peft")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (40, 16), generator=g)
+    train = [{"input_ids": x, "labels": x} for x in ids[:32]]
+    valid = [{"input_ids": x, "labels": x} for x in ids[32:]]
+
+    def run(out, callback):
+        model = peft.get_peft_model(tiny.gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"], lora_dropout=0.2))
+        args = trainer_args(out, max_steps=3, eval_steps=3, learning_rate=0.05, gradient_accumulation_steps=2,
+                            per_device_train_batch_size=4)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid)
+        if callback:
+            SharpnessCallback.attach(trainer, every=1, max_batches=1, iters=3, samples=2)
+        trainer.train()
+        return model, trainer
+
+    plain, plain_trainer = run(tmp_path / "plain", False)
+    measured, trainer = run(tmp_path / "measured", True)
+    assert [e["step"] for e in trainer.state.log_history if "sharpness/m_sharpness" in e] == [1, 2, 3]
+    for (n, p), q in zip(measured.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), n
+    assert [e["loss"] for e in training_entries(trainer) if "loss" in e] == \
+        [e["loss"] for e in training_entries(plain_trainer) if "loss" in e]
+
+
+def test_preserved_rng_puts_back_every_stream():
+    import random
+
+    import numpy as np
+
+    from hf_sam.sharpness import preserved_rng
+
+    loader = torch.utils.data.DataLoader(list(range(10)), shuffle=True, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    expected = (torch.rand(3), random.random(), np.random.rand(), list(loader))
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    loader.generator.manual_seed(3)
+    with preserved_rng(loader):
+        torch.rand(5), random.random(), np.random.rand(2), list(loader)
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2] and [t.tolist() for t in loader] == [t.tolist() for t in expected[3]]
+
+
+def test_every_eval_without_evaluation_is_refused_before_training(tmp_path):
+    model = tiny.MLP(d_in=3)
+    before = state(model)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, eval_strategy="no"),
+                      train_dataset=tiny.Blobs(n=64, d_in=3), eval_dataset=tiny.Blobs(n=16, d_in=3, seed=9))
+    SharpnessCallback.attach(trainer)
+    with pytest.raises(ValueError, match=r"every='eval'.*eval_strategy='no'.*every=N"):
+        trainer.train()
+    assert_same_weights(model, before)
+    assert trainer.state.global_step == 0
+
+
+def test_held_out_set_is_cut_to_max_samples(tmp_path):
+    held_out = tiny.Blobs(n=100, d_in=3, seed=9)
+    callback = SharpnessCallback(eval_dataset=held_out, batch_size=48)  # defaults: 4 batches, 64 examples
+    batches = callback.held_out_batches()
+    assert [len(b["labels"]) for b in batches] == [48, 16]
+    assert torch.equal(torch.cat([b["x"] for b in batches]), held_out.x[:64])
+    assert [len(b["labels"]) for b in SharpnessCallback(eval_dataset=held_out, batch_size=48, max_samples=None)
+            .held_out_batches()] == [48, 48, 4]
+    given = make_batches(n_batches=12, size=8)  # batches given explicitly are used as given
+    assert SharpnessCallback(given).held_out_batches() == given
+    for bad in (dict(max_samples=0), dict(max_batches=1.5), dict(max_seconds=0), dict(max_seconds=-1),
+                dict(progress="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SharpnessCallback(**bad)
+
+
+# -----------------------------------------------------------------------------
+# Cost: the estimate, max_seconds, the progress bar
+
+
+class Clocked(nn.Module):
+    """tiny.MLP whose every forward advances a fake clock by one second."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.inner, self.clock = make_model(), clock
+
+    def forward(self, **batch):
+        self.clock[0] += 1.0
+        return self.inner(**batch)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    from hf_sam import sharpness
+
+    clock = [0.0]
+    monkeypatch.setattr(sharpness, "_clock", lambda: clock[0])
+    return clock
+
+
+def test_max_seconds_stops_early_and_reports_what_was_done(fake_clock, caplog):
+    model, batches = Clocked(fake_clock), make_batches(n_batches=2)  # a product: 2 forwards = 2 s
+    H = exact_hessian(model.inner, batches)
+    # Lanczos: products at t = 2, 4, 6; the 4th would end at 8 > 7.5: stopped after 3, the Ritz value of 3 steps
+    with caplog.at_level("INFO", logger="hf_sam.sharpness"):
+        values, info = hessian_eigenvalues(model, batches, iters=20, tol=1e-9, which="largest", max_seconds=7.5,
+                                           return_info=True)
+    assert info["stopped"] == "max_seconds" and info["products"] == 3 and info["passes"] == 3 * 3 * 2
+    assert values == hessian_eigenvalues(model, batches, iters=3, tol=1e-9, which="largest")
+    assert values[0] <= torch.linalg.eigvalsh(H)[-1].item() + 1e-4  # a Ritz value: below lambda_max
+    assert 0 < info["residual"] < 1
+    text = caplog.text
+    assert "at most 20 products of 6 passes each (120 passes" in text  # before the first product
+    assert "the first product took 2 s; at most 20 products: about 40 s" in text  # after it
+    assert "stopped by max_seconds=7.5 after 3 of 20 products" in text and "relative residual" in text
+    # converged within the budget: no cut
+    _, info = hessian_eigenvalues(model, batches, iters=50, tol=1e-3, return_info=True)
+    assert info["stopped"] == "converged"
+    # power iteration: the budget ends the first eigenvector's iterations; the second still gets its product
+    values, info = hessian_eigenvalues(model, batches, k=2, iters=100, tol=1e-12, method="power", max_seconds=9,
+                                       return_info=True)
+    assert len(values) == 2 and info["stopped"] == "max_seconds" and info["products"] == 4 + 1
+    # per-module blocks: 3 s for the first group (1 product), the 4 s left for the second (2 products)
+    by_group, infos = hessian_eigenvalues_by_group(model, batches, iters=30, tol=1e-12, max_seconds=6,
+                                                   return_info=True)
+    assert set(by_group) == set(infos) == {"inner.fc1", "inner.head"}
+    assert [infos[g]["products"] for g in ("inner.fc1", "inner.head")] == [1, 2]
+
+    # Hutchinson: 5 samples fit in 10.5 s; the mean and standard error of those 5 z^T H z, with the exact Hessian
+    trace, stderr, info = hessian_trace(model, batches, samples=100, seed=4, max_seconds=10.5, return_stderr=True,
+                                        return_info=True)
+    g = torch.Generator().manual_seed(4)
+    quad = []
+    for _ in range(5):
+        z = torch.cat([(torch.randint(0, 2, p.shape, generator=g).float() * 2 - 1).reshape(-1)
+                       for p in model.inner.parameters()]).double()
+        quad.append((z @ H @ z).item())
+    quad = torch.tensor(quad)
+    assert info["stopped"] == "max_seconds" and info["samples"] == 5
+    assert trace == pytest.approx(quad.mean().item(), rel=1e-4)
+    assert stderr == pytest.approx((quad.std() / math.sqrt(5)).item(), rel=1e-3) and info["stderr"] == stderr
+    with pytest.raises(ValueError, match="max_seconds=0"):
+        hessian_trace(model, batches, max_seconds=0)
+
+    # m-sharpness: a chunk costs 2 forwards; 3 of the 4 chunks fit in 7 s
+    value, info = m_sharpness(model, batches, 0.1, m=4, max_seconds=7, return_info=True)
+    chunks = [{"x": b["x"][i:i + 4], "labels": b["labels"][i:i + 4]} for b in batches for i in (0, 4)]
+    assert info["stopped"] == "max_seconds" and info["chunks"] == 3 and info["passes"] == 9
+    assert value == pytest.approx(hand_m_sharpness(model.inner, chunks[:3], 0.1, m=4), abs=1e-5)
+
+
+def test_long_measurements_warn_and_show_a_bar(fake_clock, caplog, capsys):
+    model, batches = Clocked(fake_clock), make_batches(n_batches=20)  # a product: 20 s, LONG_SECONDS is 30
+    with caplog.at_level("INFO", logger="hf_sam.sharpness"):
+        hessian_trace(model, batches, samples=2)  # 40 s projected: a warning
+        hessian_trace(make_model(), batches, samples=2)  # the real clock: quick, at INFO
+    levels = [r.levelname for r in caplog.records if "the first product took" in r.getMessage()]
+    assert levels == ["WARNING", "INFO"]
+    capsys.readouterr()
+    hessian_trace(model, batches, samples=3, progress=True)
+    assert "3/3" in capsys.readouterr().err
+    hessian_trace(model, batches, samples=3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_callback_shares_max_seconds_over_the_measures(tmp_path, fake_clock):
+    model = Clocked(fake_clock)
+    callback = SharpnessCallback(make_batches(n_batches=2), max_seconds=12, iters=50, tol=1e-12, samples=50)
+    values = callback.measure(model)
+    assert set(values) == {"sharpness/top_eigenvalue", "sharpness/trace", "sharpness/m_sharpness"}
+    report = callback.reports[-1]
+    # 4 s each: 2 products, then 2 products (2 samples, the minimum), then 2 of the 2 chunks (1 forward + 1 backward)
+    assert report["top_eigenvalue"]["products"] == 2 and report["top_eigenvalue"]["stopped"] == "max_seconds"
+    assert report["trace"]["samples"] == 2
+    assert report["m_sharpness"]["chunks"] == 2 and report["m_sharpness"]["stopped"] == "chunks"
+    assert callback.seconds == [pytest.approx(2 * 2 + 2 * 2 + 2 * 2)]
