@@ -6,5 +6,6 @@ from . import sam  # noqa: E402,F401  (registers sam, asam)
 from . import gsam, fsam, looksam, esam, ssam, msam, crsam  # noqa: E402,F401
 from . import universal, rsam, rwp, sampa, saf, mesa, psam, aesam, wasam  # noqa: E402,F401
 from . import functional_sam  # noqa: E402,F401
+from . import wsam, bsam, gcsam, zsharp, flat_lora, lookbehind  # noqa: E402,F401
 
 __all__ = ["Variant", "available", "get_variant", "register", "unregister"]
