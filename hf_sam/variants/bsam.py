@@ -23,7 +23,9 @@ per device, live in the variant state (saved with checkpoints: a resumed run equ
 uninterrupted one) and are kept in units of the mean loss (the backpropagated gradient times the
 GA factor, divided by the fp16 loss scale). Noise is drawn for the perturbed parameters from the
 seeded generator of hf_sam.variants.common (seed, step, micro-step, rank); g_m and s cover every
-trainable parameter.
+trainable parameter. hf_sam.SAM runs bsam with one micro-batch per optimizer step (the closure front-end
+does not know the length of an accumulation window, which the unnormalised ascent needs; a second
+micro-batch is refused before it moves any weight).
 
 Defaults (the official README's CIFAR-10/100 ResNet-18 command): rho 0.01, beta1 0.9,
 beta2 0.999, prior precision 10, damping 0.1, s_init 1, lr (the SGD LR) 0.5; N = the training-set
@@ -102,6 +104,9 @@ def bsam(ctx):
     gm = state.setdefault("bsam_gm", [None] * n_params)
     delta = cfg.bsam_prior_precision / num_data(ctx)
     micro, window = micro_step(ctx), ctx.accumulation_steps
+    if micro >= window:  # hf_sam.SAM does not know the window's length, which e = rho g / s needs
+        raise ValueError("variant='bsam' in hf_sam.SAM takes one micro-batch per step (one accumulate or step(closure) "
+                         "per optimizer step); use SAMTrainer for gradient accumulation.")
     last = micro == window - 1
     for i, p in enumerate(ctx.params):
         if s[i] is None:

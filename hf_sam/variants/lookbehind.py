@@ -16,7 +16,8 @@ Form in hf_sam: each inner step is one optimizer step of the Trainer (its own ba
 cannot do). Optimizer step s is inner step i = s mod k + 1. The variant keeps phi and E = w' - phi
 in its state and, per micro-batch, runs the clean pass at w' = phi + E and the descent pass at
 w' + e (both as offsets from the fast weights w, put back exactly after the passes). With gradient
-accumulation every micro-batch ascends from w'_{i-1} and E advances by the mean of their e. The
+accumulation every micro-batch ascends from w'_{i-1} and E advances by the mean of their e (counted, so
+hf_sam.SAM with several `accumulate` calls per step does the same). The
 interpolation is due right after the k-th optimizer step, so it is applied at the start of the
 next outer step, before its first pass: the weights change there by
 w <- phi + alpha (w - phi) (the only step at which the weights after `training_step` differ from
@@ -70,8 +71,9 @@ def lookbehind(ctx):
     inner = ctx.global_step % cfg.lookbehind_k
     if micro_step(ctx) == 0:
         pending = state.pop("lookbehind_pending", None)              # E_{i-1} <- E_{i-2} + mean e (last step)
+        count = state.pop("lookbehind_count", 1)
         if pending is not None:
-            state["lookbehind_offset"] = [x if y is None else y if x is None else x.add_(y)
+            state["lookbehind_offset"] = [x if y is None else y.div_(count) if x is None else x.add_(y, alpha=1 / count)
                                           for x, y in zip(state["lookbehind_offset"], pending)]
         if inner == 0 or "lookbehind_slow" not in state:
             _start_outer_step(ctx)
@@ -92,9 +94,9 @@ def lookbehind(ctx):
         for i, x in enumerate(e):
             if x is None:
                 continue
-            step = x / ctx.accumulation_steps                        # the window's mean e, added next step
-            pending[i] = step if pending[i] is None else pending[i].add_(step)
+            pending[i] = x.clone() if pending[i] is None else pending[i].add_(x)  # sum of e; / count next step
             new[i] = x if new[i] is None else new[i].add_(x)
+    state["lookbehind_count"] = micro_step(ctx) + 1                  # micro-batches of this window so far
     del e, at
     ctx.grad(at=new, final=True, release=True)                       # descent gradient at w'_{i-1} + e
 
