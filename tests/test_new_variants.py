@@ -361,11 +361,8 @@ def test_limits(tmp_path, variant, extra):
     assert deviation(tr.model, ref) <= TOL
 
 
-@pytest.mark.parametrize("variant,extra", [("wsam", {}), ("gcsam", {"gcsam_descent": True}), ("zsharp", {}),
-                                           ("bsam", {})])
-def test_weights_restored_bit_exactly(tmp_path, variant, extra):
-    tr = tiny.trainer(tmp_path, model0(), dataset=data(), sam_variant=variant, sam_rho=0.3,
-                      **({"optim_args": None} if variant == "bsam" else {}), **{f"sam_{k}": v for k, v in extra.items()})
+def one_training_step_keeps_the_weights(tr):
+    """One SAMTrainer.training_step; every parameter bit-identical afterwards. Returns the parameters."""
     tr.create_optimizer_and_scheduler(num_training_steps=3)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
@@ -373,6 +370,15 @@ def test_weights_restored_bit_exactly(tmp_path, variant, extra):
     tr.training_step(tr.model_wrapped, next(iter(tr.get_train_dataloader())))
     for n, p in tr.model.named_parameters():
         assert torch.equal(p, snap[n]), n
+    return list(tr.model.parameters())
+
+
+@pytest.mark.parametrize("variant,extra", [("wsam", {}), ("gcsam", {"gcsam_descent": True}), ("zsharp", {}),
+                                           ("bsam", {})])
+def test_weights_restored_bit_exactly(tmp_path, variant, extra):
+    tr = tiny.trainer(tmp_path, model0(), dataset=data(), sam_variant=variant, sam_rho=0.3,
+                      **({"optim_args": None} if variant == "bsam" else {}), **{f"sam_{k}": v for k, v in extra.items()})
+    for p in one_training_step_keeps_the_weights(tr):
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
@@ -475,13 +481,7 @@ def test_flat_lora_against_reference(tmp_path, ga, ramp):
 def test_flat_lora_weights_bit_identical_after_a_step(tmp_path):
     tr = tiny.trainer(tmp_path, lora_model(), dataset=data(), sam_variant="flat_lora", sam_rho=0.5,
                       sam_flat_lora_ramp="constant")
-    tr.create_optimizer_and_scheduler(num_training_steps=3)
-    tr.model.train()
-    tr.current_gradient_accumulation_steps = 1
-    snap = tiny.params_copy(tr.model)
-    tr.training_step(tr.model_wrapped, next(iter(tr.get_train_dataloader())))
-    for n, p in tr.model.named_parameters():
-        assert torch.equal(p, snap[n]), n
+    assert any(p.grad is not None for p in one_training_step_keeps_the_weights(tr))
 
 
 def test_flat_lora_refuses_a_model_without_lora(tmp_path):

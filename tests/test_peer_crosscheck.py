@@ -16,19 +16,12 @@ from torch import nn
 
 import tiny
 from hf_sam import SAM, SAMConfig
+from test_new_variants import _one_thread, centered, deviation  # noqa: F401  (_one_thread: a module fixture)
 
 po = pytest.importorskip("pytorch_optimizer")
 
 STEPS, BS, LR, MOM = 4, 4, 0.1, 0.9
 TOL = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model0(one_tensor=False):
@@ -83,11 +76,6 @@ def run_po(start, make, style="presample"):
             closure()
         opt.step(closure)
     return model
-
-
-def deviation(a, b):
-    pb = dict(b.named_parameters())
-    return max((p.detach() - pb[n].detach()).abs().max().item() for n, p in a.named_parameters())
 
 
 def agree(label, a, b, start):
@@ -169,6 +157,19 @@ def grads(model, mb):
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def grads_at(model, mb, e):
+    """Gradients at w + e (e aligned with model.parameters()); the weights are put back by subtraction."""
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p, x in zip(params, e):
+            p.add_(x)
+    out = grads(model, mb)
+    with torch.no_grad():
+        for p, x in zip(params, e):
+            p.sub_(x)
+    return out
+
+
 def gnorm(gs):
     return torch.sqrt(sum((g ** 2).sum() for g in gs))
 
@@ -181,16 +182,9 @@ def wsam_decoupled_by_hand(start, rho, gamma):
     a = gamma / (1 - gamma)
     for mb in batches():
         g = grads(model, mb)
-        e = [rho * x / (gnorm(g) + 1e-12) for x in g]
-        with torch.no_grad():
-            for p, x in zip(params, e):
-                p.add_(x)
-        gt = grads(model, mb)
-        with torch.no_grad():
-            for p, x in zip(params, e):
-                p.sub_(x)
-            for p, x in zip(params, g):
-                p.grad = x.clone()
+        gt = grads_at(model, mb, [rho * x / (gnorm(g) + 1e-12) for x in g])
+        for p, x in zip(params, g):
+            p.grad = x.clone()
         opt.step()
         with torch.no_grad():
             for p, x, y in zip(params, gt, g):
@@ -215,14 +209,7 @@ def looksam_per_tensor_by_hand(start, rho, k, alpha):
     for t, mb in enumerate(batches()):
         g = grads(model, mb)
         if t % k == 0:
-            e = [rho * x / (gnorm(g) + 1e-12) for x in g]
-            with torch.no_grad():
-                for p, x in zip(params, e):
-                    p.add_(x)
-            gs = grads(model, mb)
-            with torch.no_grad():
-                for p, x in zip(params, e):
-                    p.sub_(x)
+            gs = grads_at(model, mb, [rho * x / (gnorm(g) + 1e-12) for x in g])
             u = [x / x.norm() for x in g]                          # per tensor
             gv = [y - y.norm() * (ui * y / y.norm()).sum() * ui for y, ui in zip(gs, u)]
             d = gs
@@ -243,10 +230,6 @@ def test_looksam_per_tensor_differs():
 
 
 # ---- gradient centralization: the norm before (pytorch_optimizer) or after (hf_sam, the paper) ----------------
-def centered(x):
-    return x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x
-
-
 def sam_gc_by_hand(start, rho):
     """e = rho * GC(g) / ||g||: the norm of the raw gradient."""
     model = copy.deepcopy(start)
@@ -254,14 +237,7 @@ def sam_gc_by_hand(start, rho):
     opt = torch.optim.SGD(params, lr=LR, momentum=MOM)
     for mb in batches():
         g = grads(model, mb)
-        e = [rho * centered(x) / (gnorm(g) + 1e-12) for x in g]
-        with torch.no_grad():
-            for p, x in zip(params, e):
-                p.add_(x)
-        d = grads(model, mb)
-        with torch.no_grad():
-            for p, x in zip(params, e):
-                p.sub_(x)
+        d = grads_at(model, mb, [rho * centered(x) / (gnorm(g) + 1e-12) for x in g])
         for p, x in zip(params, d):
             p.grad = x
         opt.step()
