@@ -491,3 +491,55 @@ def test_flat_lora_refuses_a_model_without_lora(tmp_path):
         run(tmp_path, "flat_lora", model)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+    with pytest.raises(ValueError, match="needs the Trainer"):
+        SAM(model.parameters(), torch.optim.SGD, SAMConfig(variant="flat_lora"), lr=0.1)
+
+
+def test_flat_lora_under_trl_sft(tmp_path):
+    """with_sam(SFTTrainer) on a tiny Llama with PEFT LoRA: the noise changes training, the base stays bit-identical."""
+    pytest.importorskip("trl")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_sam import with_sam
+    from test_trainers import TRL_PLAIN, sft_data, tokenizer
+
+    def lora_llama():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer()),
+                                            max_position_embeddings=32, pad_token_id=0, bos_token_id=0,
+                                            eos_token_id=0))
+        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+        return model
+
+    def train(rho):
+        model = lora_llama()
+        args = SFTConfig(**dict(TRL_PLAIN, output_dir=str(tmp_path / str(rho)), per_device_train_batch_size=4,
+                                max_steps=3, learning_rate=0.5, max_length=32))
+        trainer = with_sam(SFTTrainer)(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer(),
+                                       sam_config=SAMConfig(variant="flat_lora", rho=rho, flat_lora_ramp="constant"))
+        trainer.train()
+        return model
+
+    start = lora_llama()
+    noisy, plain = train(0.5), train(0.0)
+    assert deviation(noisy, plain) > 1e-5
+    frozen = {n: p for n, p in start.named_parameters() if not p.requires_grad}
+    for n, p in noisy.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_flat_lora_refuses_conv1d_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="supports LoRA on nn.Linear layers"):
+        from hf_sam.variants.flat_lora import lora_layers
+        lora_layers(model)
