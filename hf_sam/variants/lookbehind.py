@@ -29,7 +29,8 @@ weights; only the perturbed ones (`perturb`) ascend.
 Defaults: k 5, alpha 0.5 (the official class defaults; the paper's CIFAR grids use k in {2, 5, 10}
 and alpha in {0.2, 0.5, 0.8}); rho is the run's rho (the example's 0.5 is for ASAM; SAM runs use
 0.05-0.2). k = 1 with alpha = 1 is SAM; rho = 0 is the stock step. Cost: 2 passes per micro-batch;
-kept between steps: phi and E (2 parameter-sized); transient: the offset, e and the snapshot of w.
+kept between steps: phi, E and the last step's sum of e (3 parameter-sized); transient: the offset, e and
+the snapshot of w.
 """
 
 import torch
