@@ -246,6 +246,38 @@ class SAMConfig:
     functional_sam_ascent: str = setting(
         "raw", "Functional-SAM: the ascent direction; raw (SAM's, g / ||g||) or adam (preconditioned by Adam's "
         "second moment, as psam; needs Adam/AdamW).", choices=("raw", "adam"), used_by=("functional_sam",))
+    # --- wsam, bsam, gcsam, zsharp, flat_lora, lookbehind ----------------------------------------
+    wsam_gamma: float = setting(
+        0.9, "WSAM: weight of the sharpness term, loss + gamma / (1 - gamma) * (L(w + e) - L(w)); 0.5 is SAM, 0 the "
+        "stock step.", check=_below_one, allowed="a number in [0, 1)", used_by=("wsam",))
+    bsam_num_data: int | None = setting(
+        None, "bSAM: N, the number of training examples (noise variance 1 / (N s)); default: the Trainer's "
+        "len(train_dataset) (required with hf_sam.SAM).", check=_integer(1), allowed="an integer >= 1",
+        used_by=("bsam",))
+    bsam_prior_precision: float = setting(
+        10.0, "bSAM: prior precision; the L2 regulariser is delta = prior_precision / N.", check=_nonneg,
+        allowed="a finite number >= 0", used_by=("bsam",))
+    bsam_beta1: float = setting(0.9, "bSAM: decay of the gradient momentum g_m.", check=_below_one,
+                                allowed="a number in [0, 1)", used_by=("bsam",))
+    bsam_beta2: float = setting(0.999, "bSAM: decay of the precision estimate s.", check=_below_one,
+                                allowed="a number in [0, 1)", used_by=("bsam",))
+    bsam_damping: float = setting(0.1, "bSAM: damping gamma added to the precision update.", check=_nonneg,
+                                  allowed="a finite number >= 0", used_by=("bsam",))
+    bsam_s_init: float = setting(1.0, "bSAM: initial precision s.", check=_positive, allowed="a finite number > 0",
+                                 used_by=("bsam",))
+    gcsam_descent: bool = setting(False, "GCSAM: also centralize the descent gradient (default: the ascent only).",
+                                  used_by=("gcsam",))
+    zsharp_percentile: float = setting(
+        0.95, "ZSharp: per-tensor percentile Q_p of |z-score|; the ascent keeps the entries at or above it.",
+        check=_unit, allowed="a number in [0, 1]", used_by=("zsharp",))
+    flat_lora_ramp: str = setting(
+        "cosine", "Flat-LoRA: schedule of the noise scale; cosine (1 - cos(pi t / T)) / 2, or constant.",
+        choices=("cosine", "constant"), used_by=("flat_lora",))
+    lookbehind_k: int = setting(5, "Lookbehind-SAM: inner ascent/descent steps per outer step.", check=_integer(1),
+                                allowed="an integer >= 1", used_by=("lookbehind",))
+    lookbehind_alpha: float = setting(
+        0.5, "Lookbehind-SAM: slow-weight step, slow <- slow + alpha * (fast - slow) after k inner steps.",
+        check=_above_zero_unit, allowed="a number in (0, 1]", used_by=("lookbehind",))
 
     def __post_init__(self):
         self._coerce_numbers()

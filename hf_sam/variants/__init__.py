@@ -5,6 +5,7 @@ from .registry import Facts, Variant, available, describe, get_variant, register
 from . import sam  # noqa: E402,F401  (registers sam, asam)
 from . import gsam, fsam, looksam, esam, ssam, msam, crsam  # noqa: E402,F401
 from . import universal, rsam, rwp, sampa, saf, mesa, psam, functional_sam, aesam, wasam  # noqa: E402,F401
+from . import wsam, bsam, gcsam, zsharp, flat_lora, lookbehind  # noqa: E402,F401
 
 # The facts (README variants table) of the variants whose modules register without them; each belongs
 # in its module's register(..., facts=...) call.
