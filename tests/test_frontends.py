@@ -207,3 +207,63 @@ def test_float64_samtrainer_matches_a_float64_reference(tmp_path):
     wins = tiny.windows(Blobs64(), 4, 1, 3)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert max_deviation(model, reference_run(init, wins, "sgd", 0.1, 0.5)) <= 1e-12
+
+
+# ---- a host that generates its batch in _prepare_inputs: TRL's GRPO ----------------------------------
+def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2):
+    """A tiny GRPO run; returns (trainer, reward calls, initial model). `record` collects the prepared batches."""
+    pytest.importorskip("trl")
+    from datasets import Dataset as HFDataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from test_trainers import TRL_PLAIN, gpt2, tokenizer
+
+    calls = []
+
+    def reward(completions, **kwargs):  # deterministic; differs within every group, so advantages are not 0
+        calls.append(len(completions))
+        return [float(i % 2) + 0.1 * len(c) for i, c in enumerate(completions)]
+
+    cls = GRPOTrainer
+    if sam:
+        class Recording(with_sam(GRPOTrainer)):
+            def _prepare_inputs(self, inputs):
+                batch = super()._prepare_inputs(inputs)
+                if record is not None and self.model.training:
+                    record.append((self.state.global_step, batch))
+                return batch
+
+        cls = Recording
+    model = gpt2()
+    init = copy.deepcopy(model)
+    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                        max_completion_length=3, max_steps=max_steps, learning_rate=0.5,
+                        steps_per_generation=steps_per_generation, **TRL_PLAIN)
+    data = HFDataset.from_dict({"prompt": ["the cat", "a dog", "the bird", "we train"] * 4})
+    kw = dict(sam_config=SAMConfig(rho=RHO)) if sam else {}
+    tr = cls(model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tokenizer(), **kw)
+    tr.train()
+    return tr, calls, init
+
+
+@pytest.mark.parametrize("steps_per_generation", [1, 2])
+def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, steps_per_generation):
+    from trl import GRPOTrainer
+
+    _, stock_calls, _ = grpo_run(tmp_path / "stock", sam=False, steps_per_generation=steps_per_generation)
+    record = []
+    tr, calls, init = grpo_run(tmp_path / "sam", sam=True, record=record, steps_per_generation=steps_per_generation)
+    assert calls == stock_calls  # as many reward evaluations (of as many completions) as the stock trainer
+    assert [s for s, _ in record] == [0, 0, 1, 1]  # two passes per step, both inside the step
+    for (_, first), (_, second) in (record[:2], record[2:]):  # the same batch (the same tensors) in both passes
+        assert first.keys() == second.keys() and all(first[k] is second[k] for k in first)
+    assert any(not torch.equal(record[0][1][k], record[2][1][k]) for k in ("prompt_ids", "completion_ids"))
+    # plain SAM replayed on the recorded batches, with the host's own GRPO loss: same weights
+    batches = [[record[0][1]], [record[2][1]]]
+    start = copy.deepcopy(tr.model)  # the model as GRPO set it up (its fused log-prob head), at the initial weights
+    start.load_state_dict(init.state_dict())
+    ref = reference_run(start, batches, "sgd", 0.5, RHO,
+                        loss_fn=lambda m, mb, window: GRPOTrainer.compute_loss(tr, m, mb))
+    moved = max_deviation(tr.model, dict(init.named_parameters()))
+    print(f"GRPO: moved {moved:.3g}, deviation from the replay {max_deviation(tr.model, ref):.3g}")
+    assert moved > 1e-3 and max_deviation(tr.model, ref) <= 1e-6
