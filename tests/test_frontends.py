@@ -29,16 +29,16 @@ def windows(n_steps, ga=1, dtype=torch.float32):
     return [[{k: v.to(dtype) if v.is_floating_point() else v for k, v in mb.items()} for mb in w] for w in out]
 
 
-def make_sam(model, opt_name, lr, **kw):
+def make_sam(model, opt_name, lr, rho=RHO, **kw):
     if opt_name == "sgd":
-        return SAM(model.named_parameters(), torch.optim.SGD, config=SAMConfig(rho=RHO, **kw), lr=lr)
-    return SAM(model.named_parameters(), torch.optim.AdamW, config=SAMConfig(rho=RHO, **kw), lr=lr,
+        return SAM(model.named_parameters(), torch.optim.SGD, config=SAMConfig(rho=rho, **kw), lr=lr)
+    return SAM(model.named_parameters(), torch.optim.AdamW, config=SAMConfig(rho=rho, **kw), lr=lr,
                weight_decay=0.0)
 
 
-def closure_loop(model, wins, opt_name, lr, style):
+def closure_loop(model, wins, opt_name, lr, style, **config):
     """The loops a user writes around hf_sam.SAM; `style` says where the gradients are cleared."""
-    opt = make_sam(model, opt_name, lr)
+    opt = make_sam(model, opt_name, lr, **config)
     for window in wins:
         for k, mb in enumerate(window):
             def closure(mb=mb):
@@ -180,15 +180,7 @@ def test_float64_closure_matches_a_float64_reference(adaptive):
     model = tiny.MLP().double()
     init = copy.deepcopy(model)
     wins = windows(3, dtype=torch.float64)
-    opt = SAM(model.named_parameters(), torch.optim.SGD, config=SAMConfig(rho=0.5, adaptive=adaptive), lr=0.1)
-    for (mb,) in wins:
-        def closure(mb=mb):
-            loss = model(**mb)["loss"]
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        opt.zero_grad()
+    closure_loop(model, wins, "sgd", 0.1, "zero_after", rho=0.5, adaptive=adaptive)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert max_deviation(model, reference_run(init, wins, "sgd", 0.1, 0.5, adaptive=adaptive)) <= 1e-12
 
@@ -267,3 +259,20 @@ def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, step
     moved = max_deviation(tr.model, dict(init.named_parameters()))
     print(f"GRPO: moved {moved:.3g}, deviation from the replay {max_deviation(tr.model, ref):.3g}")
     assert moved > 1e-3 and max_deviation(tr.model, ref) <= 1e-6
+
+
+def test_every_pass_gets_the_whole_prepared_batch_when_a_pass_pops_keys(tmp_path):
+    """The stock compute_loss pops `labels` from the prepared batch (compute_loss_func, label smoothing)."""
+    import torch.nn.functional as F
+
+    def loss_fn(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs["logits"], labels, label_smoothing=0.1)
+
+    model = tiny.MLP()
+    init = copy.deepcopy(model)
+    tr = tiny.InOrderSAMTrainer(model=model, args=tiny.args(tmp_path, max_steps=3), train_dataset=tiny.Blobs(),
+                                sam_config=SAMConfig(rho=0.5), compute_loss_func=loss_fn)
+    tr.train()
+    ref = reference_run(init, tiny.windows(tiny.Blobs(), 4, 1, 3), "sgd", 0.1, 0.5,
+                        loss_fn=lambda m, mb, w: loss_fn(m(x=mb["x"]), mb["labels"]))
+    assert max_deviation(model, ref) <= 1e-6
