@@ -201,14 +201,19 @@ def test_float64_samtrainer_matches_a_float64_reference(tmp_path):
     assert max_deviation(model, reference_run(init, wins, "sgd", 0.1, 0.5)) <= 1e-12
 
 
-# ---- a host that generates its batch in _prepare_inputs: TRL's GRPO ----------------------------------
-def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2):
-    """A tiny GRPO run; returns (trainer, reward calls, initial model). `record` collects the prepared batches."""
-    pytest.importorskip("trl")
+# ---- hosts that generate their batch in _prepare_inputs: TRL's GRPO and RLOO --------------------------
+def rl_hosts(name):
+    trl = pytest.importorskip("trl")
+    return {"grpo": (trl.GRPOTrainer, trl.GRPOConfig), "rloo": (trl.RLOOTrainer, trl.RLOOConfig)}[name]
+
+
+def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2, host="grpo"):
+    """A tiny GRPO (or RLOO) run; returns (trainer, reward calls, initial model). `record` gets the prepared batches."""
     from datasets import Dataset as HFDataset
-    from trl import GRPOConfig, GRPOTrainer
 
     from test_trainers import TRL_PLAIN, gpt2, tokenizer
+
+    host_cls, config_cls = rl_hosts(host)
 
     calls = []
 
@@ -216,9 +221,9 @@ def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2):
         calls.append(len(completions))
         return [float(i % 2) + 0.1 * len(c) for i, c in enumerate(completions)]
 
-    cls = GRPOTrainer
+    cls = host_cls
     if sam:
-        class Recording(with_sam(GRPOTrainer)):
+        class Recording(with_sam(host_cls)):
             def _prepare_inputs(self, inputs):
                 batch = super()._prepare_inputs(inputs)
                 if record is not None and self.model.training:
@@ -228,8 +233,8 @@ def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2):
         cls = Recording
     model = gpt2()
     init = copy.deepcopy(model)
-    config = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
-                        max_completion_length=3, max_steps=max_steps, learning_rate=0.5,
+    config = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                        max_completion_length=3, max_steps=max_steps, learning_rate=0.5, beta=0.0,
                         steps_per_generation=steps_per_generation, **TRL_PLAIN)
     data = HFDataset.from_dict({"prompt": ["the cat", "a dog", "the bird", "we train"] * 4})
     kw = dict(sam_config=SAMConfig(rho=RHO)) if sam else {}
@@ -238,13 +243,13 @@ def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2):
     return tr, calls, init
 
 
-@pytest.mark.parametrize("steps_per_generation", [1, 2])
-def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, steps_per_generation):
-    from trl import GRPOTrainer
-
-    _, stock_calls, _ = grpo_run(tmp_path / "stock", sam=False, steps_per_generation=steps_per_generation)
+@pytest.mark.parametrize("host,steps_per_generation", [("grpo", 1), ("grpo", 2), ("rloo", 2)])
+def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, host, steps_per_generation):
+    host_cls, _ = rl_hosts(host)
+    _, stock_calls, _ = grpo_run(tmp_path / "stock", sam=False, steps_per_generation=steps_per_generation, host=host)
     record = []
-    tr, calls, init = grpo_run(tmp_path / "sam", sam=True, record=record, steps_per_generation=steps_per_generation)
+    tr, calls, init = grpo_run(tmp_path / "sam", sam=True, record=record, steps_per_generation=steps_per_generation,
+                               host=host)
     assert calls == stock_calls  # as many reward evaluations (of as many completions) as the stock trainer
     assert [s for s, _ in record] == [0, 0, 1, 1]  # two passes per step, both inside the step
     for (_, first), (_, second) in (record[:2], record[2:]):  # the same batch (the same tensors) in both passes
@@ -255,9 +260,9 @@ def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, step
     start = copy.deepcopy(tr.model)  # the model as GRPO set it up (its fused log-prob head), at the initial weights
     start.load_state_dict(init.state_dict())
     ref = reference_run(start, batches, "sgd", 0.5, RHO,
-                        loss_fn=lambda m, mb, window: GRPOTrainer.compute_loss(tr, m, mb))
+                        loss_fn=lambda m, mb, window: host_cls.compute_loss(tr, m, mb))
     moved = max_deviation(tr.model, dict(init.named_parameters()))
-    print(f"GRPO: moved {moved:.3g}, deviation from the replay {max_deviation(tr.model, ref):.3g}")
+    print(f"{host}: moved {moved:.3g}, deviation from the replay {max_deviation(tr.model, ref):.3g}")
     assert moved > 1e-3 and max_deviation(tr.model, ref) <= 1e-6
 
 
