@@ -14,11 +14,11 @@ copy of it), so hosts that draw or generate their training batch there (TRL's GR
 which generate completions and score them with the reward functions) do so once, as stock.
 
 The mixin overrides these Trainer methods: `training_step`, `_prepare_inputs` (only within a
-sharpness-aware step), `compute_loss` (only while a variant's loss hook is active), `train`, `_hp_search_setup`, `evaluate`, `predict`, `save_model`,
-`floating_point_ops`, `log`, `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` and
-`create_model_card`. Its state lives in one object, `trainer._sam` (a `SAMRun`); its own methods
-and properties start with `sam_` (public) or `_sam_` (private), so they cannot collide with a host
-class's names.
+sharpness-aware step), `compute_loss` (only while a variant's loss hook is active), `train`,
+`_hp_search_setup`, `evaluate`, `predict`, `save_model`, `floating_point_ops`, `log`,
+`_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` and `create_model_card`. Its
+state lives in one object, `trainer._sam` (a `SAMRun`); its own methods and properties start with
+`sam_` (public) or `_sam_` (private), so they cannot collide with a host class's names.
 """
 
 import collections.abc
@@ -183,7 +183,7 @@ class TrainerFrontEnd:
         if self.prepared is None:
             self.prepared = (prepare_inputs(inputs),)
         batch = self.prepared[0]
-        return copy.copy(batch) if isinstance(batch, (dict, collections.abc.Mapping)) else batch
+        return copy.copy(batch) if isinstance(batch, collections.abc.Mapping) else batch
 
     def no_sync(self):
         return self.trainer.accelerator.no_sync(self.model)
