@@ -244,7 +244,7 @@ def grpo_run(tmp_path, sam, record=None, steps_per_generation=1, max_steps=2, ho
 
 
 @pytest.mark.parametrize("host,steps_per_generation", [("grpo", 1), ("grpo", 2), ("rloo", 2)])
-def test_grpo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, host, steps_per_generation):
+def test_grpo_and_rloo_one_batch_and_one_reward_evaluation_per_micro_batch(tmp_path, host, steps_per_generation):
     host_cls, _ = rl_hosts(host)
     _, stock_calls, _ = grpo_run(tmp_path / "stock", sam=False, steps_per_generation=steps_per_generation, host=host)
     record = []
