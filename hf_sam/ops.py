@@ -69,26 +69,33 @@ def _sum_over_shards(parts: torch.Tensor, tensors) -> torch.Tensor:
     return total
 
 
+def reduction_dtype(tensors: Tensors) -> torch.dtype:
+    """fp32 for norms and dots of low-precision (and fp32) tensors; float64 when any tensor is (never narrowed)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.Tensor:
-    """sqrt(sum_i (w_i * ||t_i||)^2) in fp32, as a 0-dim device tensor (no host sync).
+    """sqrt(sum_i (w_i * ||t_i||)^2) in fp32 (float64 for float64 tensors), as a 0-dim device tensor (no host sync).
 
     Sharded tensors: the squared local norms are summed and all-reduced once (one scalar).
     """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch.stack(torch._foreach_norm(local(tensors), 2, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(local(tensors), 2, dtype=reduction_dtype(tensors)))
     if weights is not None:
-        norms = norms * torch.tensor(weights, dtype=torch.float32, device=norms.device)
+        norms = norms * torch.tensor(weights, dtype=norms.dtype, device=norms.device)
     if _shard_group(tensors) is None:
         return torch.linalg.vector_norm(norms)
     return _sum_over_shards(norms.square(), tensors).sqrt()
 
 
 def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
-    """sum_i <a_i, b_i> in fp32, as a 0-dim device tensor (no host sync; sharded: one scalar all-reduce)."""
+    """sum_i <a_i, b_i> in fp32 (float64 for float64 tensors), as a 0-dim device tensor (no host sync; sharded:
+    one scalar all-reduce)."""
     if not a:
         return torch.zeros((), dtype=torch.float32)
-    dots = [torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(local(a), local(b))]
+    dtype = reduction_dtype(list(a) + list(b))
+    dots = [torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(local(a), local(b))]
     return _sum_over_shards(torch.stack(dots), a)
 
 

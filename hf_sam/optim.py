@@ -14,11 +14,26 @@ The closure runs one forward+backward into `p.grad`; the step calls it once per 
 registered variants (`SAMConfig.variant`) drive it through the same StepContext as SAMTrainer.
 Returns the clean loss L(w).
 
+The closure may clear the gradients itself (torch.optim's documented closure, `opt.zero_grad()`
+first; PyTorch Lightning's automatic optimization) or not (clear them after the step): both give
+the same update. The step owns `.grad` (see `GradLedger`):
+- an optimizer step starts with the first `accumulate(closure)` / `step(closure)` after the previous
+  update (or `zero_grad()`): what is then in `.grad` is what that update left (the previous
+  step's descent gradient) and is discarded, as a zeroing closure would;
+- inside the step, `opt.zero_grad()` called by the closure does nothing: every pass already starts
+  from the gradients it must see (none for the ascent, earlier micro-batches' for the last one);
+- a gradient written into `.grad` outside the optimizer between two updates (a backward before
+  `step(closure)`, e.g. Lightning's `accumulate_grad_batches`) would join the update without SAM:
+  the step refuses it with an error, before any pass.
+
 Gradient accumulation: call `opt.accumulate(closure)` for every micro-batch of the window (each
 adds its descent gradient to `.grad`; the closure scales its loss as any accumulation loop does,
 e.g. by 1 / number of micro-batches) and `opt.step()` without a closure to update; or
-`opt.step(closure)` on the last micro-batch. Gradients already in `.grad` are set aside during the
-ascent and kept.
+`opt.step(closure)` on the last micro-batch.
+
+Wrapped optimizers (`accelerator.prepare(opt)`, Lightning's `self.optimizers()`): the wrapper's
+`step(closure)` may drop the returned loss; `SAM.unwrap(opt)` is the hf_sam.SAM inside, whose
+`last_loss` and `metrics()` are the step's.
 
 DDP: pass the wrapped model (`SAM(..., model=ddp_model)`, or set `opt.model = ddp_model` after
 `accelerator.prepare`): the temporary passes then run under its `no_sync()` (per-device ascent,
@@ -32,6 +47,7 @@ Variants that need the Trainer (its dataset, loss hooks or callbacks) are refuse
 """
 
 import warnings
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -74,6 +90,36 @@ class ClosureFrontEnd:
         if not torch.is_tensor(loss):
             raise TypeError(f"the closure must return the loss tensor it backpropagated, got {type(loss).__name__}")
         return loss.detach()
+
+
+class GradLedger:
+    """Who wrote `.grad` since the last update: the closure front-end's bookkeeping of the contract above.
+
+    One mutable object, so that wrappers copying the optimizer's attributes (Lightning's
+    LightningOptimizer) share it. `left` holds, per parameter, a weak reference to the gradient the
+    last update (or `zero_grad()`) left and its version counter: unchanged means nobody wrote it since.
+    """
+
+    def __init__(self):
+        self.in_step = False  # a closure is running under accumulate()/step(closure)
+        self.window_open = False  # micro-batches of the current update have run
+        self.left = {}
+
+    def record(self, params):
+        """The gradients now in `.grad` are the optimizer's own (after an update or zero_grad)."""
+        self.window_open = False
+        self.left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+    def foreign(self, params) -> list[int]:
+        """Indices of parameters whose `.grad` was written outside the optimizer since `record`."""
+        out = []
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            left = self.left.get(id(p))
+            if left is None or left[0]() is not p.grad or left[1] != p.grad._version:
+                out.append(i)
+        return out
 
 
 class SAM(torch.optim.Optimizer):
@@ -128,6 +174,8 @@ class SAM(torch.optim.Optimizer):
         self._flags: set = set()
         self._selection = None
         self._metrics = None
+        self._ledger = GradLedger()
+        self._ledger.record(unique_trainable(self.param_groups))
         if names is None and model is None and (config.effective_adaptive or config.perturb != "trainable"
                                                 or config.perturb_include or config.perturb_exclude):
             raise ValueError("adaptive ascent, perturb modes and patterns read parameter names: pass "
@@ -136,25 +184,52 @@ class SAM(torch.optim.Optimizer):
     # ---- the step --------------------------------------------------------------------------------
     def accumulate(self, closure):
         """One micro-batch: the variant's passes, its descent gradient added to `.grad`; no update."""
-        if not sam_active(self.config, self.variant, self.steps, self.max_steps):
-            with torch.enable_grad():
-                loss = closure()
-            self.last_loss = loss.detach() if torch.is_tensor(loss) else loss
-            return loss
-        ctx = StepContext(ClosureFrontEnd(self, closure), self.config, self._selected(), self.sam_state,
-                          self._metric_sums())
-        self.last_loss = run_step(self.variant, ctx)
-        return self.last_loss
+        ledger = self._ledger
+        if ledger.in_step:
+            raise RuntimeError("hf_sam.SAM.accumulate/step(closure) called from inside its own closure")
+        if not ledger.window_open:
+            self._start_window()
+        ledger.window_open = ledger.in_step = True
+        try:
+            if not sam_active(self.config, self.variant, self.steps, self.max_steps):
+                with torch.enable_grad():
+                    loss = closure()
+                self.last_loss = loss.detach() if torch.is_tensor(loss) else loss
+                return loss
+            ctx = StepContext(ClosureFrontEnd(self, closure), self.config, self._selected(), self.sam_state,
+                              self._metric_sums())
+            self.last_loss = run_step(self.variant, ctx)
+            return self.last_loss
+        finally:
+            ledger.in_step = False
 
     def step(self, closure=None):
         """With a closure: `accumulate(closure)` then the base optimizer's step. Without: the step only."""
         loss = self.accumulate(closure) if closure is not None else None
         self.base_optimizer.step()
         self.steps += 1
+        self._ledger.record(unique_trainable(self.param_groups))
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
+        """Clear the gradients; called by the closure during a step, it does nothing (the step owns `.grad`)."""
+        if self._ledger.in_step:
+            return
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        self._ledger.record(unique_trainable(self.param_groups))
+
+    @staticmethod
+    def unwrap(optimizer) -> "SAM":
+        """The hf_sam.SAM inside a wrapper (accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer)."""
+        seen = optimizer
+        for _ in range(8):  # wrappers keep the wrapped optimizer as .optimizer (accelerate) or ._optimizer
+            inner = getattr(seen, "_optimizer", None) or getattr(seen, "optimizer", None)
+            if inner is None:
+                if isinstance(seen, SAM):
+                    return seen
+                break
+            seen = inner
+        raise TypeError(f"{type(optimizer).__name__} does not wrap a hf_sam.SAM")
 
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self):
@@ -180,6 +255,23 @@ class SAM(torch.optim.Optimizer):
         return self._metrics.means(totals)
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _start_window(self):
+        """First micro-batch of an update: drop what the last update left in `.grad`, refuse foreign gradients."""
+        params = unique_trainable(self.param_groups)
+        foreign = self._ledger.foreign(params)
+        if foreign:
+            names = [self._names.get(id(params[i]), f"parameter {i}") if self._names else f"parameter {i}"
+                     for i in foreign[:3]]
+            raise RuntimeError(
+                f"hf_sam.SAM: gradients were written into .grad outside the optimizer since the last update "
+                f"({', '.join(names)}{', ...' if len(foreign) > 3 else ''}); they would join this update without "
+                "the sharpness-aware step. Run every micro-batch through opt.accumulate(closure) (and the last "
+                "through opt.step(closure), or opt.step()), and call opt.zero_grad() before a step if you ran a "
+                "backward outside it. PyTorch Lightning: accumulate_grad_batches > 1 runs the earlier micro-batches "
+                "outside the optimizer; use manual optimization with opt.accumulate(closure) instead.")
+        for p in params:
+            p.grad = None
+
     def _world(self):
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

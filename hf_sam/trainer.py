@@ -8,16 +8,20 @@
 and a variant whose loss hook is bypassed that way stops with an error. Each pass of a
 sharpness-aware step is one call of the host class's own `training_step` (its `compute_loss`,
 GA / num_items scaling, `accelerator.backward`); clipping, the optimizer step, the LR schedule,
-logging, evaluation and checkpoints stay the host's.
+logging, evaluation and checkpoints stay the host's. The host's `_prepare_inputs` runs once per
+micro-batch: every later pass of that micro-batch gets the batch the first pass prepared (a shallow
+copy of it), so hosts that draw or generate their training batch there (TRL's GRPO and RLOO,
+which generate completions and score them with the reward functions) do so once, as stock.
 
-The mixin overrides these Trainer methods: `training_step`, `compute_loss` (only while a variant's
-loss hook is active), `train`, `_hp_search_setup`, `evaluate`, `predict`, `save_model`,
-`floating_point_ops`, `log`, `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` and
-`create_model_card`. Its state lives in one object, `trainer._sam` (a `SAMRun`); its own methods
-and properties start with `sam_` (public) or `_sam_` (private), so they cannot collide with a host
-class's names.
+The mixin overrides these Trainer methods: `training_step`, `_prepare_inputs` (only within a
+sharpness-aware step), `compute_loss` (only while a variant's loss hook is active), `train`,
+`_hp_search_setup`, `evaluate`, `predict`, `save_model`, `floating_point_ops`, `log`,
+`_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler` and `create_model_card`. Its
+state lives in one object, `trainer._sam` (a `SAMRun`); its own methods and properties start with
+`sam_` (public) or `_sam_` (private), so they cannot collide with a host class's names.
 """
 
+import collections.abc
 import copy
 import dataclasses
 import functools
@@ -60,6 +64,7 @@ class SAMRun:
     flags: once-per-run warnings given; last_passes: passes of the latest micro-batch (FLOPs);
     sharding: the sharding strategy handed to every step context (hf_sam.step.Replicated for one
     process or DDP, hf_sam.sharded's FSDP2 / DeepSpeed), chosen when the settings are applied.
+    front: the TrainerFrontEnd of the micro-batch being stepped (None between steps).
     """
 
     explicit_config: SAMConfig | None
@@ -76,6 +81,7 @@ class SAMRun:
     set_up_variant: str | None = None
     reproduce_command: str | None = None
     sharding: object = None
+    front: object = None
 
     def fresh(self):
         """Forget what belongs to one training run (a new train() call or trial starts clean)."""
@@ -169,6 +175,18 @@ class TrainerFrontEnd:
         self.accumulation_steps = getattr(trainer, "current_gradient_accumulation_steps", 1)
         self.scaler = getattr(acc, "scaler", None)
         self.flags = trainer._sam.flags
+        self.prepared = None  # (the host's _prepare_inputs(inputs),) once the first pass has prepared it
+
+    def prepare(self, prepare_inputs, inputs):
+        """The host's `_prepare_inputs` for this micro-batch's `inputs`: run once, shared by every pass.
+
+        Each pass gets a shallow copy of a prepared mapping, so a pass that pops keys (label smoothing)
+        leaves the next pass the full batch.
+        """
+        if self.prepared is None:
+            self.prepared = (prepare_inputs(inputs),)
+        batch = self.prepared[0]
+        return copy.copy(batch) if isinstance(batch, collections.abc.Mapping) else batch
 
     def no_sync(self):
         return self.trainer.accelerator.no_sync(self.model)
@@ -359,10 +377,18 @@ class SAMMixin:
         front = TrainerFrontEnd(self, model, inputs, num_items_in_batch, stock_step)
         ctx = StepContext(front, self.sam_config, self._sam_selection(), self._sam.state, self._sam_metrics(),
                           sharding=self._sam.sharding)
+        self._sam.front = front
         try:
             return run_step(self.sam_variant, ctx)
         finally:
+            self._sam.front = None
             self._sam.last_passes = max(ctx.passes, 1)
+
+    def _prepare_inputs(self, inputs):
+        front = getattr(getattr(self, "_sam", None), "front", None)
+        if front is None or inputs is not front.inputs:  # not this step's micro-batch: the host's own
+            return super()._prepare_inputs(inputs)
+        return front.prepare(super()._prepare_inputs, inputs)
 
     def _sam_run_pass(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         """One pass of a sharpness-aware step: the host class's own training_step (loss, scaling, backward)."""
