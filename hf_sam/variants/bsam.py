@@ -39,7 +39,7 @@ import torch
 from .. import ops
 from .common import Noise, base_optimizer, micro_step, random_perturbation
 from .msam import _settings
-from .registry import register
+from .registry import Facts, register
 
 BSAM_PAPER = {
     "title": "SAM as an Optimal Relaxation of Bayes",
@@ -164,5 +164,16 @@ def _check_settings(config):
                          "apply: remove adaptive=True and use rho_scaling='none'.")
 
 
-register("bsam", paper=BSAM_PAPER, check=_check_settings, on_setup=on_setup,
+BSAM_FACTS = Facts(
+    paper='Möllenhoff, Khan, *SAM as an Optimal Relaxation of Bayes*, ICLR 2023, '
+          '[2210.01620](https://arxiv.org/abs/2210.01620)',
+    settings='`rho` (paper 0.01), `bsam_num_data` (len(train_dataset)), `bsam_prior_precision` (10), '
+             '`bsam_beta1` (0.9), `bsam_beta2` (0.999), `bsam_damping` (0.1), `bsam_s_init` (1); base'
+             " optimizer plain SGD (LR = bSAM's alpha, 0.5 in the paper)",
+    passes='2 (noisy sample, perturbed mean)',
+    memory='2 persistent (s, g_m; in the checkpoint) + 2 accumulators during a GA window; transient '
+           'noise, g, e, snapshot',
+)
+
+register("bsam", facts=BSAM_FACTS, paper=BSAM_PAPER, check=_check_settings, on_setup=on_setup,
          check_optimizer=check_optimizer)(bsam)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import micro_step
-from .registry import register
+from .registry import Facts, register
 
 FLAT_LORA_PAPER = {
     "title": "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape",
@@ -167,4 +167,12 @@ def _check(config):
                          "parameters): leave perturb, perturb_include and perturb_exclude at their defaults.")
 
 
-register("flat_lora", passes=1, paper=FLAT_LORA_PAPER, check=_check, on_setup=on_setup)(flat_lora)
+FLAT_LORA_FACTS = Facts(
+    paper='Li et al., *Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape*, ICML 2025, '
+          '[2409.14396](https://arxiv.org/abs/2409.14396)',
+    settings='`rho` (0.05: noise scale), `flat_lora_ramp` (cosine | constant); PEFT LoRA models only',
+    passes='1 (+1 matmul per LoRA layer, forward and backward)',
+    memory='none parameter-sized: one d_out vector per LoRA layer, the noise of one layer at a time',
+)
+
+register("flat_lora", facts=FLAT_LORA_FACTS, passes=1, paper=FLAT_LORA_PAPER, check=_check, on_setup=on_setup)(flat_lora)

@@ -18,7 +18,7 @@ step. Cost: 2 passes, SAM's buffers (the centralization is in place).
 
 import torch
 
-from .registry import register
+from .registry import Facts, register
 
 GCSAM_PAPER = {
     "title": "GCSAM: Gradient Centralized Sharpness Aware Minimization",
@@ -56,4 +56,12 @@ def gcsam(ctx):
     ctx.set_final(d)
 
 
-register("gcsam", paper=GCSAM_PAPER)(gcsam)
+GCSAM_FACTS = Facts(
+    paper='Hassan, Vakanski, Zhang, Xian, *GCSAM: Gradient Centralized Sharpness Aware Minimization*,'
+          ' arXiv 2025, [2501.11584](https://arxiv.org/abs/2501.11584)',
+    settings='`rho`, `gcsam_descent` (False: centralize the ascent only)',
+    passes='2',
+    memory='1 (as SAM; centralized in place)',
+)
+
+register("gcsam", facts=GCSAM_FACTS, paper=GCSAM_PAPER)(gcsam)

@@ -37,7 +37,7 @@ import torch
 
 from .. import ops
 from .common import micro_step
-from .registry import register
+from .registry import Facts, register
 
 LOOKBEHIND_PAPER = {
     "title": "Lookbehind-SAM: k steps back, 1 step forward",
@@ -102,4 +102,13 @@ def lookbehind(ctx):
     ctx.grad(at=new, final=True, release=True)                       # descent gradient at w'_{i-1} + e
 
 
-register("lookbehind", paper=LOOKBEHIND_PAPER)(lookbehind)
+LOOKBEHIND_FACTS = Facts(
+    paper='Mordido, Malviya, Baratin, Chandar, *Lookbehind-SAM: k steps back, 1 step forward*, ICML '
+          '2024, [2307.16704](https://arxiv.org/abs/2307.16704)',
+    settings='`rho`, `lookbehind_k` (5), `lookbehind_alpha` (0.5); one optimizer step per inner step',
+    passes='2',
+    memory="3 persistent (slow weights, accumulated perturbation E, the last step's sum of e; in the "
+           'checkpoint) + offset, e and snapshot transient',
+)
+
+register("lookbehind", facts=LOOKBEHIND_FACTS, paper=LOOKBEHIND_PAPER)(lookbehind)

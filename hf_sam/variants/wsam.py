@@ -22,7 +22,7 @@ library's default). Cost: 2 passes; buffers g and g~ (2 gradient-sized) and the 
 """
 
 from .. import ops
-from .registry import register
+from .registry import Facts, register
 
 WSAM_PAPER = {
     "title": "Sharpness-Aware Minimization Revisited: Weighted Sharpness as a Regularization Term",
@@ -51,4 +51,12 @@ def wsam(ctx):
     ctx.set_final(ops.mix(g, g_tilde, a))         # (1 - a) g + a g~ = g + a (g~ - g)
 
 
-register("wsam", paper=WSAM_PAPER)(wsam)
+WSAM_FACTS = Facts(
+    paper='Yue et al., *Sharpness-Aware Minimization Revisited: Weighted Sharpness as a '
+          'Regularization Term*, KDD 2023, [2305.15817](https://arxiv.org/abs/2305.15817)',
+    settings='`rho`, `wsam_gamma` (0.9; 0.5 = SAM, 0 = stock); coupled form (docs/variants.md)',
+    passes='2 (1 with gamma 0)',
+    memory='2 (g kept beside g~, snapshot)',
+)
+
+register("wsam", facts=WSAM_FACTS, paper=WSAM_PAPER)(wsam)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .registry import register
+from .registry import Facts, register
 
 ZSHARP_PAPER = {
     "title": "Sharpness-Aware Minimization with Z-Score Gradient Filtering for Neural Networks",
@@ -62,4 +62,12 @@ def zsharp(ctx):
     ctx.grad(at=e, final=True, release=True)                         # descend with grad L(w + e)
 
 
-register("zsharp", paper=ZSHARP_PAPER)(zsharp)
+ZSHARP_FACTS = Facts(
+    paper='Yun, *Sharpness-Aware Minimization with Z-Score Gradient Filtering for Neural Networks*, '
+          'arXiv 2025, [2505.02369](https://arxiv.org/abs/2505.02369)',
+    settings='`rho`, `zsharp_percentile` (0.95, unverified)',
+    passes='2',
+    memory='1 (as SAM) + one transient tensor-sized buffer',
+)
+
+register("zsharp", facts=ZSHARP_FACTS, paper=ZSHARP_PAPER)(zsharp)
