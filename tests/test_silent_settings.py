@@ -1,0 +1,123 @@
+"""Settings that used to be silently misread (issue 21): text booleans, booleans as numbers, the host's
+arguments class, rho for every variant (rho = 0 is the stock step), the loss each variant reports, secrets in
+the commands the project writes down."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import tiny
+from hf_sam import SAMConfig, SAMTrainer, SAMTrainingArguments, with_sam, with_sam_args
+from hf_sam.config import PREFIX
+
+BOOL_FIELDS = [f.name for f in dataclasses.fields(SAMConfig) if f.type in (bool, bool | None)]
+
+
+# ---- item 3: text booleans ---------------------------------------------------------------------------
+def test_every_boolean_setting_is_listed():
+    assert set(BOOL_FIELDS) == {"adaptive", "same_dropout", "sync_ascent", "lora_modules_to_save"}
+
+
+@pytest.mark.parametrize("text,value", [("false", False), ("False", False), ("FALSE", False), ("0", False),
+                                        ("no", False), ("No", False), (" false ", False), (0, False), (False, False),
+                                        ("true", True), ("True", True), ("1", True), ("yes", True), ("YES", True),
+                                        (1, True), (True, True)])
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+def test_text_booleans_are_converted(tmp_path, name, text, value):
+    extra = {"perturb": "lora"} if name == "lora_modules_to_save" else {}
+    cfg = SAMConfig(**{name: text}, **extra)
+    assert getattr(cfg, name) is value
+    args = SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                **{PREFIX + name: text}, **{PREFIX + k: v for k, v in extra.items()})
+    assert getattr(args, PREFIX + name) is value and getattr(args.sam_config, name) is value
+
+
+@pytest.mark.parametrize("bad", ["maybe", "", "off", "t", "2", 2, -1, 0.5, [True]])
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+def test_other_values_of_a_boolean_are_refused(tmp_path, name, bad):
+    extra = {"perturb": "lora"} if name == "lora_modules_to_save" else {}
+    with pytest.raises(ValueError) as err:
+        SAMConfig(**{name: bad}, **extra)
+    assert f"{name}={bad!r}" in str(err.value) and "true, false, 1, 0, yes, no" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{PREFIX + name: bad})
+    assert f"{PREFIX}{name}={bad!r}" in str(err.value) and "true, false, 1, 0, yes, no" in str(err.value)
+
+
+def test_text_boolean_adaptive_false_gives_plain_sam_numbers():
+    """SAMConfig(adaptive="false") once turned ASAM on: check the ascent itself, against SAM's e = rho g/||g||."""
+    import hf_sam
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.tensor([[3.0, -0.5]]))  # a 'weight': ASAM would scale by |w| + eta
+    opt = hf_sam.SAM([("fc.weight", w)], torch.optim.SGD, config=SAMConfig(adaptive="false", rho=0.1), lr=0.0)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        seen.append(w.detach().clone())
+        loss = (w * torch.tensor([[1.0, 2.0]])).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    g = torch.tensor([[1.0, 2.0]])
+    torch.testing.assert_close(seen[1] - seen[0], 0.1 * g / g.norm(), rtol=0, atol=1e-7)
+
+
+def test_host_boolean_arguments_take_the_same_words(tmp_path):
+    SFTConfig = pytest.importorskip("trl").SFTConfig
+    args = with_sam_args(SFTConfig)(output_dir=str(tmp_path), report_to=[], use_cpu=True, packing="false",
+                                   sam_same_dropout="no")
+    assert args.packing is False and args.sam_same_dropout is False
+    with pytest.raises(ValueError, match="packing='nah'"):
+        with_sam_args(SFTConfig)(output_dir=str(tmp_path), report_to=[], use_cpu=True, packing="nah")
+
+
+# ---- item 8: a bool is not a number; the host's arguments class ----------------------------------------
+@pytest.mark.parametrize("name", ["rho", "eta", "interval", "start", "looksam_k", "gsam_alpha"])
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_boolean_is_not_a_number(tmp_path, name, flag):
+    with pytest.raises(ValueError) as err:
+        SAMConfig(**{name: flag})
+    assert f"{name}={flag!r}" in str(err.value) and "not a number" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **{PREFIX + name: flag})
+    assert f"{PREFIX}{name}={flag!r}" in str(err.value)
+
+
+def test_sam_training_arguments_on_an_sft_trainer_say_what_to_use(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["a b c d"] * 8})
+    args = SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError) as err:
+        with_sam(trl.SFTTrainer)(model=tiny.gpt2(), args=args, train_dataset=ds)
+    text = str(err.value)
+    assert "SFTTrainer expects its arguments as SFTConfig" in text and "with_sam_args(SFTConfig)" in text
+
+    class HostFirst(trl.SFTTrainer, SAMTrainer):
+        pass
+    with pytest.raises(TypeError, match=r"with_sam_args\(SFTConfig\)"):
+        HostFirst(model=tiny.gpt2(), args=args, train_dataset=ds)
+
+
+def test_matching_arguments_classes_are_accepted(tmp_path):
+    from hf_sam.config import check_host_arguments
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
+
+    args = SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    check_host_arguments(with_sam(Trainer), (None, args), {})
+    check_host_arguments(with_sam(Trainer), (), {"args": args})
+    check_host_arguments(with_sam(Seq2SeqTrainer), (), {"args": args})  # annotated TrainingArguments
+    s2s = with_sam_args(Seq2SeqTrainingArguments)(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    check_host_arguments(with_sam(Seq2SeqTrainer), (), {"args": s2s})
+    trl = pytest.importorskip("trl")
+    sft = with_sam_args(trl.SFTConfig)(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    check_host_arguments(with_sam(trl.SFTTrainer), (None, sft), {})
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    check_host_arguments(with_sam(trl.SFTTrainer), (), {"args": plain})  # no SAM fields: TRL converts it
+    with pytest.raises(TypeError, match="GRPOConfig"):
+        check_host_arguments(with_sam(trl.GRPOTrainer), (None, None, args), {})
