@@ -92,7 +92,8 @@ class SAMConfig:
 
     # --- core -----------------------------------------------------------------------------
     variant: str = setting("sam", "Algorithm name from the hf_sam.variants registry (e.g. sam, asam).")
-    rho: float = setting(0.05, "Perturbation radius rho. 0 turns SAM off (stock Trainer step).",
+    rho: float = setting(0.05, "Perturbation radius rho. 0 turns SAM off (stock Trainer step) for every variant; "
+                         "variants without a radius (rwp, saf, mesa) refuse other values.",
                          check=_nonneg, allowed="a finite number >= 0")
     adaptive: bool = setting(False, "Adaptive (ASAM) ascent: scale each weight tensor's gradient by |w| + eta.")
     eta: float = setting(0.01, "ASAM's eta: T = |w| + eta for tensors whose name ends in 'weight'.",
@@ -319,6 +320,10 @@ class SAMConfig:
                 if getattr(self, other) not in values:
                     raise ValueError(f"{f.name} only has an effect when {other} is one of "
                                      f"{', '.join(map(repr, values))} (it is {getattr(self, other)!r}).")
+        if not variant.uses_rho and self.rho not in (0, _default(_field("rho"))):
+            raise ValueError(f"rho={self.rho!r} has no effect with variant={self.variant!r}, which does not use the "
+                             f"radius rho ({variant.rho_note or 'see its documentation'}); leave rho at its default "
+                             f"{_default(_field('rho'))}, or set rho=0 for the stock Trainer step.")
         if self.start >= self.end:
             raise ValueError(f"start={self.start} must be smaller than end={self.end} (fractions of training).")
         if self.rho_scaling == "mupp" and self.mupp_base_width is None:
@@ -340,6 +345,10 @@ class SAMConfig:
 
 
 PREFIX = "sam_"
+
+
+def _field(name):
+    return next(f for f in fields(SAMConfig) if f.name == name)
 
 
 def _default(f):

@@ -121,3 +121,79 @@ def test_matching_arguments_classes_are_accepted(tmp_path):
     check_host_arguments(with_sam(trl.SFTTrainer), (), {"args": plain})  # no SAM fields: TRL converts it
     with pytest.raises(TypeError, match="GRPOConfig"):
         check_host_arguments(with_sam(trl.GRPOTrainer), (None, None, args), {})
+
+
+# ---- item 4: rho has one meaning; rho = 0 is the stock step for every variant -------------------------
+from hf_sam.variants import available, get_variant  # noqa: E402
+
+
+class Indexed(tiny.Blobs):
+    """Blobs plus each sample's position (SAF reads it)."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "sample_index": torch.tensor(i)}
+
+
+class InOrderTrainer(__import__("transformers").Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def _run(tmp_path, variant=None, steps=2, **sam):
+    torch.manual_seed(0)
+    model = tiny.MLP(dropout=0.2, batchnorm=True)
+    kw = dict(max_steps=steps, optim="adamw_torch", learning_rate=0.01, logging_steps=1)
+    if variant is None:  # the stock Trainer
+        base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=0.01,
+                    optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                    report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, dataloader_drop_last=True,
+                    seed=0, disable_tqdm=True)
+        tr = InOrderTrainer(model=model, args=TrainingArguments(**base), train_dataset=tiny.Blobs())
+    else:
+        ds = Indexed() if variant == "saf" else tiny.Blobs()
+        tr = tiny.trainer(tmp_path, model=model, dataset=ds, sam_config=SAMConfig(variant=variant, **sam), **kw)
+    tr.train()
+    return tr, tiny.params_copy(model)
+
+
+@pytest.mark.parametrize("variant", available())
+def test_rho_zero_is_the_stock_step_for_every_variant(tmp_path, variant):
+    """Weights after 2 AdamW steps (dropout + BatchNorm model) with rho = 0 equal the stock Trainer's, bit for bit."""
+    _, stock = _run(tmp_path / "stock")
+    _, got = _run(tmp_path / "v", variant, rho=0.0)
+    for name in stock:
+        assert torch.equal(stock[name], got[name]), (variant, name, (stock[name] - got[name]).abs().max())
+
+
+def test_the_stock_reference_moves():
+    """The comparison above is not vacuous: a default SAM run differs from the stock one."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        _, stock = _run(__import__("pathlib").Path(d) / "a")
+        _, sam = _run(__import__("pathlib").Path(d) / "b", "sam")
+    assert any(not torch.equal(stock[n], sam[n]) for n in stock)
+
+
+@pytest.mark.parametrize("variant", [v for v in available() if not get_variant(v).uses_rho])
+def test_variants_without_a_radius_refuse_other_rho(variant):
+    assert not get_variant(variant).uses_rho
+    SAMConfig(variant=variant, rho=0.05)  # the default: accepted
+    SAMConfig(variant=variant, rho=0.0)   # the stock step: accepted
+    with pytest.raises(ValueError) as err:
+        SAMConfig(variant=variant, rho=0.3)
+    text = str(err.value)
+    assert f"rho=0.3 has no effect with variant={variant!r}" in text and "rho=0" in text
+    with pytest.raises(ValueError, match="sam_rho=0.3"):
+        SAMTrainingArguments(output_dir="unused", report_to=[], use_cpu=True, sam_variant=variant, sam_rho=0.3)
+
+
+def test_rwp_names_its_noise_scale_when_rho_is_refused():
+    with pytest.raises(ValueError, match="rwp_gamma"):
+        SAMConfig(variant="rwp", rho=0.3)
+
+
+def test_rwp_rho_zero_differs_from_default_rwp(tmp_path):
+    """rho = 0 is not silently RWP: the default RWP run moves the weights elsewhere."""
+    _, stock = _run(tmp_path / "stock")
+    _, rwp = _run(tmp_path / "rwp", "rwp")
+    assert any(not torch.equal(stock[n], rwp[n]) for n in stock)
