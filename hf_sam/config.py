@@ -555,6 +555,60 @@ def check_host_arguments(trainer_class: type, args: tuple, kwargs: dict) -> None
                         f"SAM{want.__name__} = with_sam_args({want.__module__.split('.')[0]}.{want.__name__}).")
 
 
+# ---- secrets: never written down (model cards, training_args.bin) ------------------------------------------
+SECRET_WORDS = frozenset({"token", "key", "secret", "password", "passwd", "apikey", "credential", "credentials",
+                          "auth"})
+# "token" as a vocabulary item (pad_token, eos_token_id, max_token_length) is not a secret
+_VOCAB_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "chat", "image", "audio",
+                          "video", "start", "end", "stop", "decoder"})
+_COUNT_WORDS = frozenset({"id", "ids", "length", "len", "size", "count", "num", "type", "types", "dim", "budget"})
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument or setting named `name` holds a secret (hub_token, api_key, wandb_secret, password).
+
+    The name is split into words at `_`, `-`, `.` and case changes; it is secret when a word is token, key,
+    secret, password, passwd, apikey, credential(s) or auth, except a vocabulary token (`pad_token`,
+    `eos_token_id`) or a count or id (`max_token_length`, `key_dim`).
+    """
+    words = [w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", name.strip("-")) if w]
+    if not SECRET_WORDS.intersection(words):
+        return False
+    if words[-1] in _COUNT_WORDS:
+        return False
+    if "token" in words and SECRET_WORDS.intersection(words) == {"token"} and _VOCAB_WORDS.intersection(words):
+        return False
+    return True
+
+
+class Secret(str):
+    """A string that is itself everywhere (HTTP headers, comparisons) except when pickled: `torch.save(args)`
+    (training_args.bin) stores None in its place. copy/deepcopy keep the value (hyperparameter search)."""
+
+    def __reduce_ex__(self, protocol):
+        return (type(None), ())
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "'<redacted>'"
+
+
+def protect_secrets(args) -> None:
+    """Wrap the secret-named string fields of `args` (hub_token, ...) in `Secret`, in place: the Trainer keeps
+    using the values (push_to_hub), but the training_args.bin it saves and uploads holds None instead."""
+    if not dataclasses.is_dataclass(args):
+        return
+    for f in fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, str) and not isinstance(value, Secret) and value and is_secret_name(f.name):
+            setattr(args, f.name, Secret(value))
+
+
 def config_from_arguments(args) -> SAMConfig:
     """SAMConfig from any object that has `sam_<name>` attributes (missing ones keep their default)."""
     values = {f.name: getattr(args, PREFIX + f.name) for f in fields(SAMConfig) if hasattr(args, PREFIX + f.name)}

@@ -285,3 +285,80 @@ def test_rsam_clean_forward_keeps_the_batchnorm_update_and_the_step(tmp_path):
         torch.testing.assert_close(got[n], p, rtol=0, atol=1e-6)
     for (n, b), rb in zip(model.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, rb, rtol=0, atol=1e-6, msg=n)
+
+
+# ---- item 9: secrets never reach the card or training_args.bin -------------------------------------------
+FAKE_TOKEN = "hf_" + "Zq3" * 12  # looks like a Hub token; never valid
+
+
+@pytest.mark.parametrize("words,hidden", [
+    (["--hub_token", FAKE_TOKEN], ["--hub_token", "REDACTED"]),
+    (["--hub_token=" + FAKE_TOKEN], ["--hub_token=REDACTED"]),
+    (["--wandb_api_key", "abc123"], ["--wandb_api_key", "REDACTED"]),
+    (["--my-secret=s3"], ["--my-secret=REDACTED"]),
+    (["--db_password", "pw"], ["--db_password", "REDACTED"]),
+    (["--key", "k"], ["--key", "REDACTED"]),
+    (["--token", "--push_to_hub"], ["--token", "--push_to_hub"]),  # a flag without a value: the next flag stays
+    (["--config", "run.yaml", FAKE_TOKEN], ["--config", "run.yaml", "REDACTED"]),  # a bare token-like word
+])
+def test_redact_command(words, hidden):
+    from hf_sam.cards import redact_command
+    import shlex
+
+    command = shlex.join(["python", "train.py", "--sam_rho", "0.1", *words, "--pad_token", "<pad>",
+                          "--max_new_tokens", "8"])
+    got = shlex.split(redact_command(command))
+    assert got == ["python", "train.py", "--sam_rho", "0.1", *hidden, "--pad_token", "<pad>", "--max_new_tokens", "8"]
+
+
+def test_the_sys_argv_fallback_is_redacted(monkeypatch):
+    from types import SimpleNamespace
+    from hf_sam import cards
+
+    monkeypatch.setattr("sys.argv", ["my_train.py", "--hub_token", FAKE_TOKEN, "--lr", "1"])
+    text = cards._command(SimpleNamespace(sam_reproduce_command=None))
+    assert FAKE_TOKEN not in text and "--hub_token REDACTED" in text and "--lr 1" in text
+
+
+def test_a_hub_token_reaches_neither_the_card_nor_training_args_bin(tmp_path, monkeypatch):
+    """The real script with --hub_token, pushed (checkpoints too) to a fake Hub API: the token is used for every
+    upload, but no file written (README.md, training_args.bin, checkpoints) contains it."""
+    import os
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tests"))
+    sys.path.insert(0, str(repo / "scripts"))
+    import test_push_to_hub as hub_test
+    import train_vit
+
+    import huggingface_hub.constants
+    import transformers.trainer
+    api = hub_test.FakeHubApi()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    tokens = []
+    upload = api.upload_folder
+    api.upload_folder = lambda **kw: (tokens.append(kw.get("token")), upload(**kw))[1]
+    monkeypatch.setattr("sys.argv", ["scripts/train_vit.py", "--hub_token", FAKE_TOKEN])
+
+    out = tmp_path / "run"
+    trainer, _ = train_vit.main([
+        "--config", str(repo / "configs" / "vit_digits.yaml"), "--output_dir", str(out),
+        "--push_to_hub", "true", "--hub_model_id", "hf-sam-tester/tiny", "--hub_token", FAKE_TOKEN,
+        "--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "16", "--logging_steps", "1",
+        "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "1", "--torch_threads", "1"])
+    assert trainer.args.hub_token == FAKE_TOKEN  # kept in memory for the push
+    assert len(tokens) >= 2 and all(t == FAKE_TOKEN for t in tokens)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {"README.md", "training_args.bin"} <= {p.name for p in written}
+    assert any(p.parent.name.startswith("checkpoint-") and p.name == "training_args.bin" for p in written)
+    for p in written:
+        assert FAKE_TOKEN.encode() not in p.read_bytes(), p
+    assert all(FAKE_TOKEN not in (u["readme"] or "") for u in api.uploads)
+    card = (out / "README.md").read_text()
+    assert "--hub_token REDACTED" in card and "python scripts/train_vit.py" in card
+    saved = torch.load(out / "training_args.bin", weights_only=False)
+    assert saved.hub_token is None and saved.hub_model_id == "hf-sam-tester/tiny" and saved.sam_rho == 0.05
+    del os
