@@ -74,11 +74,17 @@ def _round(value, digits=4):
 
 
 def card_settings(config) -> list[tuple[str, object]]:
-    """The settings that shape this run: the core ones, the variant's own, muP^2's when used."""
+    """The settings that shape this run: the core ones, the variant's own, muP^2's when used (rho only for
+    variants with a radius, or when it is 0: the stock step)."""
     import dataclasses
 
+    from .variants import get_variant
+
     out = []
+    no_radius = not get_variant(config.variant).uses_rho
     for f in dataclasses.fields(config):
+        if f.name == "rho" and no_radius and config.rho != 0:  # rwp, saf, mesa: the default rho is not used
+            continue
         used_by, when = f.metadata.get("used_by"), f.metadata.get("when")
         if used_by is not None and config.variant not in used_by:
             continue

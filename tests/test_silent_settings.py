@@ -156,10 +156,15 @@ def _run(tmp_path, variant=None, steps=2, **sam):
     return tr, tiny.params_copy(model)
 
 
+_STOCK = {}
+
+
 @pytest.mark.parametrize("variant", available())
 def test_rho_zero_is_the_stock_step_for_every_variant(tmp_path, variant):
     """Weights after 2 AdamW steps (dropout + BatchNorm model) with rho = 0 equal the stock Trainer's, bit for bit."""
-    _, stock = _run(tmp_path / "stock")
+    if "stock" not in _STOCK:  # one stock run serves every variant
+        _STOCK["stock"] = _run(tmp_path / "stock")[1]
+    stock = _STOCK["stock"]
     _, got = _run(tmp_path / "v", variant, rho=0.0)
     for name in stock:
         assert torch.equal(stock[name], got[name]), (variant, name, (stock[name] - got[name]).abs().max())
@@ -323,7 +328,6 @@ def test_the_sys_argv_fallback_is_redacted(monkeypatch):
 def test_a_hub_token_reaches_neither_the_card_nor_training_args_bin(tmp_path, monkeypatch):
     """The real script with --hub_token, pushed (checkpoints too) to a fake Hub API: the token is used for every
     upload, but no file written (README.md, training_args.bin, checkpoints) contains it."""
-    import os
     import sys
     from pathlib import Path
 
@@ -361,4 +365,3 @@ def test_a_hub_token_reaches_neither_the_card_nor_training_args_bin(tmp_path, mo
     assert "--hub_token REDACTED" in card and "python scripts/train_vit.py" in card
     saved = torch.load(out / "training_args.bin", weights_only=False)
     assert saved.hub_token is None and saved.hub_model_id == "hf-sam-tester/tiny" and saved.sam_rho == 0.05
-    del os
