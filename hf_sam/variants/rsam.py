@@ -18,12 +18,14 @@ the noise norm grows like sigma * sqrt(#parameters)). The ascent part uses `ctx.
 `adaptive` and `rho_scaling` apply to it as to SAM.
 
 Reported loss: the clean L(w), as every variant (the curves stay comparable with SAM's). No pass of
-R-SAM runs at w, so in SAMTrainer the first pass's loss hook runs one extra no-grad forward at w
-(the weights are put back at w from the exact snapshot, then at w + delta again; the same dropout masks
-as the passes; BatchNorm statistics updated once, at w, as in the stock step), scaled like the pass's
-own loss. Cost: +1 forward without backward (about a third of a pass). `sam/sharpness` is then
-L(w + delta) - L(w). (Before this forward existed, BatchNorm statistics took the update at w + delta.) hf_sam.SAM (closure front-end) cannot run loss hooks: there `step` returns the
-descent pass's L(w + e) (sigma = 0: the clean L(w), as SAM).
+R-SAM runs at w, so in SAMTrainer the first pass's loss hook runs one extra no-grad forward at w (the
+weights are put back at w from the exact snapshot, then at w + delta again; the same dropout masks as
+the passes; BatchNorm statistics updated once, at w, as in the stock step; before this forward they
+took the update at w + delta), scaled like the pass's own loss. Cost: +1 forward without backward
+(about a third of a pass). `sam/sharpness` is then L(w + delta) - L(w). hf_sam.SAM (closure
+front-end) cannot run loss hooks: there `step` returns the descent pass's L(w + e) (sigma = 0: the
+clean L(w), as SAM).
+
 Noise: a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
 `hf_sam.variants.common.noise_seed`. Cost: 2 sequential passes; buffers delta, e, snapshot of w.
 """
