@@ -4,6 +4,7 @@ Rendered from the Jinja template `model_cards/sam_model_card.md` (shipped as hf_
 """
 
 import os
+import re
 import shlex
 import sys
 from importlib import resources
@@ -18,7 +19,11 @@ from transformers.modelcard import (
     parse_log_history,
 )
 
+from .config import is_secret_name
+
 TEMPLATE = "sam_model_card.md"
+REDACTED = "REDACTED"
+_TOKEN_LIKE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,}|gh[pousr]_[A-Za-z0-9]{20,})")
 
 MUPP_PAPER = {
     "title": "Effective Sharpness Aware Minimization Requires Layerwise Perturbation Scaling",
@@ -69,11 +74,17 @@ def _round(value, digits=4):
 
 
 def card_settings(config) -> list[tuple[str, object]]:
-    """The settings that shape this run: the core ones, the variant's own, muP^2's when used."""
+    """The settings that shape this run: the core ones, the variant's own, muP^2's when used (rho only for
+    variants with a radius, or when it is 0: the stock step)."""
     import dataclasses
 
+    from .variants import get_variant
+
     out = []
+    no_radius = not get_variant(config.variant).uses_rho
     for f in dataclasses.fields(config):
+        if f.name == "rho" and no_radius and config.rho != 0:  # rwp, saf, mesa: the default rho is not used
+            continue
         used_by, when = f.metadata.get("used_by"), f.metadata.get("when")
         if used_by is not None and config.variant not in used_by:
             continue
@@ -91,11 +102,44 @@ def _last_sam_metrics(log_history):
     return []
 
 
+def redact_command(command: str | None) -> str | None:
+    """`command` with the values of secret-bearing arguments replaced by REDACTED.
+
+    Secret names: `hf_sam.config.is_secret_name` (hub_token, token, api_key, *_secret, password, ...), in every
+    form: `--flag value`, `--flag=value`, `NAME=value` (environment assignments before the command, key=value
+    overrides). Words that look like Hub, OpenAI or GitHub tokens (hf_..., sk-..., ghp_...) are redacted
+    wherever they stand. A command that shlex cannot split is withheld entirely.
+    """
+    if not command:
+        return command
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return "(command withheld: it could not be parsed to redact secrets)"
+    out, hide_next = [], False
+    for word in words:
+        if hide_next and not word.startswith("-"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        name, eq, _ = word.partition("=")
+        if eq and is_secret_name(name.lstrip("-").rsplit(".", 1)[-1]):
+            out.append(f"{name}={REDACTED}")
+        elif word.startswith("-") and is_secret_name(word):
+            out.append(word)
+            hide_next = True
+        else:
+            out.append(_TOKEN_LIKE.sub(REDACTED, word))
+    return shlex.join(out)
+
+
 def _command(trainer) -> str | None:
+    """The reproduce command shown in the card (redacted: whatever its source)."""
     if trainer.sam_reproduce_command:
-        return trainer.sam_reproduce_command
+        return redact_command(trainer.sam_reproduce_command)
     if sys.argv and sys.argv[0].endswith(".py"):
-        return shlex.join(["python", *sys.argv])
+        return redact_command(shlex.join(["python", *sys.argv]))
     return None
 
 

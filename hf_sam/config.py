@@ -85,13 +85,15 @@ class SAMConfig:
 
     Built and validated on construction: bad values raise ValueError naming the setting and what it
     allows; a setting of another variant (`used_by`) or of an inactive mode (`when`) is an error;
-    numbers given as text are converted; settings with `variant_defaults` left at None take the
+    numbers and booleans given as text are converted
+    (`coerce_value`); settings with `variant_defaults` left at None take the
     variant's value (`resolved` names them; `replace` fills them in again for a new variant).
     """
 
     # --- core -----------------------------------------------------------------------------
     variant: str = setting("sam", "Algorithm name from the hf_sam.variants registry (e.g. sam, asam).")
-    rho: float = setting(0.05, "Perturbation radius rho. 0 turns SAM off (stock Trainer step).",
+    rho: float = setting(0.05, "Perturbation radius rho. 0 turns SAM off (stock Trainer step) for every variant; "
+                         "variants without a radius (rwp, saf, mesa) refuse other values.",
                          check=_nonneg, allowed="a finite number >= 0")
     adaptive: bool = setting(False, "Adaptive (ASAM) ascent: scale each weight tensor's gradient by |w| + eta.")
     eta: float = setting(0.01, "ASAM's eta: T = |w| + eta for tensors whose name ends in 'weight'.",
@@ -280,7 +282,7 @@ class SAMConfig:
         check=_above_zero_unit, allowed="a number in (0, 1]", used_by=("lookbehind",))
 
     def __post_init__(self):
-        self._coerce_numbers()
+        self._coerce_values()
         if isinstance(self.mupp_roles, str):
             try:
                 self.mupp_roles = json.loads(self.mupp_roles)
@@ -312,21 +314,11 @@ class SAMConfig:
         values.update(changes)
         return SAMConfig(**values)
 
-    def _coerce_numbers(self) -> None:
-        """Numbers written as text (PyYAML reads `1e-2` as a string) become numbers, or a clear error."""
+    def _coerce_values(self) -> None:
+        """Numbers and booleans written as text (YAML, sweeps, environment variables) become numbers and
+        booleans, or a clear error (`coerce_value`)."""
         for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, str):
-                continue
-            kind = _numeric_kind(f.type)
-            if kind is None:
-                continue
-            try:
-                number = float(value) if kind is float else int(value)
-            except ValueError:
-                raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
-                                 f"{'a number' if kind is float else 'an integer'}.") from None
-            setattr(self, f.name, number)
+            setattr(self, f.name, coerce_value(f.name, f.type, getattr(self, f.name)))
 
     # ---------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -360,6 +352,10 @@ class SAMConfig:
                 if getattr(self, other) not in values:
                     raise ValueError(f"{f.name} only has an effect when {other} is one of "
                                      f"{', '.join(map(repr, values))} (it is {getattr(self, other)!r}).")
+        if not variant.uses_rho and self.rho not in (0, _default(_field("rho"))):
+            raise ValueError(f"rho={self.rho!r} has no effect with variant={self.variant!r}, which does not use the "
+                             f"radius rho ({variant.rho_note or 'see its documentation'}); leave rho at its default "
+                             f"{_default(_field('rho'))}, or set rho=0 for the stock Trainer step.")
         if self.start >= self.end:
             raise ValueError(f"start={self.start} must be smaller than end={self.end} (fractions of training).")
         if self.rho_scaling == "mupp" and self.mupp_base_width is None:
@@ -383,6 +379,10 @@ class SAMConfig:
 PREFIX = "sam_"
 
 
+def _field(name):
+    return next(f for f in fields(SAMConfig) if f.name == name)
+
+
 def _default(f):
     """The declared default of a SAMConfig field."""
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -400,6 +400,53 @@ def _numeric_kind(annotation):
     if args and all(a in (int, type(None)) for a in args):
         return int
     return None
+
+
+def _is_bool_type(annotation) -> bool:
+    """True when a field's type is bool (optionally | None)."""
+    if annotation is bool or str(annotation) in ("bool", "bool | None", "Optional[bool]", "typing.Optional[bool]"):
+        return True
+    args = getattr(annotation, "__args__", ())
+    return bool(args) and bool in args and all(a in (bool, type(None)) for a in args)
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+BOOL_ALLOWED = "true, false, 1, 0, yes, no (any case), or a bool"
+
+
+def coerce_value(name: str, annotation, value):
+    """The one conversion of a setting's value by its declared type (SAMConfig and with_sam_args classes).
+
+    bool fields: True/False, the ints 0/1 and the words true/false, 1/0, yes/no (any case, surrounding
+    spaces ignored) give the bool; anything else is a ValueError naming the field (a non-empty string
+    such as "false" would otherwise be truthy). float/int fields: text is parsed as a number; a bool is
+    refused (True is not the number 1 here). None passes through (optional fields); other values are
+    left to the validation.
+    """
+    if value is None:
+        return value
+    if _is_bool_type(annotation):
+        if isinstance(value, bool):
+            return value
+        if type(value).__name__ == "bool_":  # numpy.bool_
+            return bool(value)
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise ValueError(f"{name}={value!r} is not a boolean; {name} takes {BOOL_ALLOWED}.")
+    kind = _numeric_kind(annotation)
+    if kind is None:
+        return value
+    what = "a number" if kind is float else "an integer"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        raise ValueError(f"{name}={value!r} is a boolean, not a number; {name} takes {what}.")
+    if isinstance(value, str):
+        try:
+            return float(value) if kind is float else int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a number; {name} takes {what}.") from None
+    return value
 
 
 def _argument_fields():
@@ -460,14 +507,8 @@ def with_sam_args(args_class: type) -> type:
         name = "SAMTrainingArguments" if args_class is TrainingArguments else f"SAM{args_class.__name__}"
 
         def __post_init__(self):
-            for f in fields(self):  # every numeric field, the host's too: YAML reads `1e-3` as text
-                value, kind = getattr(self, f.name), _numeric_kind(f.type)
-                if isinstance(value, str) and kind is not None:
-                    try:
-                        setattr(self, f.name, kind(value))
-                    except ValueError:
-                        raise ValueError(f"{f.name}={value!r} is not a number; {f.name} takes "
-                                         f"{'a number' if kind is float else 'an integer'}.") from None
+            for f in fields(self):  # every numeric and boolean field, the host's too: YAML reads `1e-3` as text
+                setattr(self, f.name, coerce_value(f.name, f.type, getattr(self, f.name)))
             super(cls, self).__post_init__()
             try:
                 config = config_from_arguments(self)  # validates before any training starts
@@ -490,6 +531,114 @@ def with_sam_args(args_class: type) -> type:
 
 
 SAMTrainingArguments = with_sam_args(TrainingArguments)
+
+
+def _expected_args_classes(host: type) -> list[type]:
+    """The TrainingArguments classes named in the annotation of `host.__init__`'s `args` (most derived first)."""
+    import inspect
+    import sys
+    import typing
+
+    try:
+        annotation = inspect.signature(host.__init__).parameters["args"].annotation
+    except (KeyError, TypeError, ValueError):
+        return []
+    found, todo = [], [annotation]
+    while todo:
+        a = todo.pop()
+        if isinstance(a, (str, typing.ForwardRef)):  # "TrainingArguments": look it up in the host's module
+            name = a if isinstance(a, str) else a.__forward_arg__
+            a = vars(sys.modules.get(host.__module__, object)).get(name.strip("'\""))
+        if isinstance(a, type) and issubclass(a, TrainingArguments):
+            found.append(a)
+        else:
+            todo.extend(typing.get_args(a))
+    return [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
+
+
+def check_host_arguments(trainer_class: type, args: tuple, kwargs: dict) -> None:
+    """Before a SAM trainer's host builds itself: refuse sam_* arguments of the wrong class, clearly.
+
+    A host whose __init__ expects its own arguments class (TRL's SFTTrainer: SFTConfig) converts other
+    arguments with `HostConfig(**args.to_dict())`, which fails deep inside the host with "unexpected keyword
+    argument 'sam_variant'" (or would silently drop the SAM settings). The arguments must then be an instance of
+    `with_sam_args(HostConfig)`. The host is the first class in the MRO, outside hf_sam, that defines __init__.
+    """
+    import inspect
+
+    host = next((c for c in trainer_class.__mro__ if "__init__" in vars(c) and
+                 not c.__module__.startswith("hf_sam")), None)
+    if host is None:
+        return
+    try:
+        bound = inspect.signature(host.__init__).bind_partial(None, *args, **kwargs).arguments
+    except TypeError:  # the host will report its own signature error
+        return
+    given = bound.get("args")
+    if given is None or not any(hasattr(given, PREFIX + f.name) for f in fields(SAMConfig)):
+        return
+    expected = _expected_args_classes(host)
+    if expected and not isinstance(given, tuple(expected)):
+        want = expected[0]
+        raise TypeError(f"{host.__name__} expects its arguments as {want.__name__}, but got {type(given).__name__} "
+                        f"(SAM settings on {type(given).__mro__[1].__name__}); {host.__name__} would rebuild them "
+                        f"as {want.__name__} and fail on the sam_* fields. Build the arguments with "
+                        f"hf_sam.with_sam_args({want.__name__})(...) instead, e.g. "
+                        f"SAM{want.__name__} = with_sam_args({want.__module__.split('.')[0]}.{want.__name__}).")
+
+
+# ---- secrets: never written down (model cards, training_args.bin) ------------------------------------------
+SECRET_WORDS = frozenset({"token", "key", "secret", "password", "passwd", "apikey", "credential", "credentials",
+                          "auth"})
+# "token" as a vocabulary item (pad_token, eos_token_id, max_token_length) is not a secret
+_VOCAB_WORDS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "special", "chat", "image", "audio",
+                          "video", "start", "end", "stop", "decoder"})
+_COUNT_WORDS = frozenset({"id", "ids", "length", "len", "size", "count", "num", "type", "types", "dim", "budget"})
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument or setting named `name` holds a secret (hub_token, api_key, wandb_secret, password).
+
+    The name is split into words at `_`, `-`, `.` and case changes; it is secret when a word is token, key,
+    secret, password, passwd, apikey, credential(s) or auth, except a vocabulary token (`pad_token`,
+    `eos_token_id`) or a count or id (`max_token_length`, `key_dim`).
+    """
+    words = [w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", name.strip("-")) if w]
+    if not SECRET_WORDS.intersection(words):
+        return False
+    if words[-1] in _COUNT_WORDS:
+        return False
+    if "token" in words and SECRET_WORDS.intersection(words) == {"token"} and _VOCAB_WORDS.intersection(words):
+        return False
+    return True
+
+
+class Secret(str):
+    """A string that is itself everywhere (HTTP headers, comparisons) except when pickled: `torch.save(args)`
+    (training_args.bin) stores None in its place. copy/deepcopy keep the value (hyperparameter search)."""
+
+    def __reduce_ex__(self, protocol):
+        return (type(None), ())
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "'<redacted>'"
+
+
+def protect_secrets(args) -> None:
+    """Wrap the secret-named string fields of `args` (hub_token, ...) in `Secret`, in place: the Trainer keeps
+    using the values (push_to_hub), but the training_args.bin it saves and uploads holds None instead."""
+    if not dataclasses.is_dataclass(args):
+        return
+    for f in fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, str) and not isinstance(value, Secret) and value and is_secret_name(f.name):
+            setattr(args, f.name, Secret(value))
 
 
 def config_from_arguments(args) -> SAMConfig:

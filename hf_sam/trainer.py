@@ -35,7 +35,8 @@ from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
 from . import sharded
-from .config import PREFIX, SAMConfig, config_from_arguments, publish_generated_class, sam_arguments_changed
+from .config import (PREFIX, SAMConfig, check_host_arguments, config_from_arguments, protect_secrets,
+                     publish_generated_class, sam_arguments_changed)
 from .params import select_parameters
 from .scaling import layer_factors
 from .step import Metrics, StepContext, build_selection, run_step, sam_active, unique_trainable
@@ -232,12 +233,15 @@ class SAMMixin:
         def __init__(self, *args, **kw):
             if "sam_config" in kw:
                 self.__dict__["_sam_pending_config"] = kw.pop("sam_config")
+            check_host_arguments(type(self), args, kw)
             host_init(self, *args, **kw)
 
         cls.__init__ = __init__
 
     def __init__(self, *args, sam_config: SAMConfig | None = None, **kwargs):
+        check_host_arguments(type(self), args, kwargs)  # sam_* arguments of the class the host expects
         super().__init__(*args, **kwargs)
+        protect_secrets(self.args)  # hub_token: used for the push, never pickled into training_args.bin
         pending = self.__dict__.pop("_sam_pending_config", None)
         if sam_config is None:
             sam_config = pending

@@ -13,7 +13,8 @@ after every optimizer step, from the first one: ema <- decay * ema + (1 - decay)
 trainable parameters and the floating-point buffers (BatchNorm statistics); it starts from the
 weights before the first step. The KL term is active in epochs e > saf_start (0-based, strict, as the
 code's `epoch > kl_start_epoch`); before that the EMA forward is skipped (it would not change
-anything). `rho` is not used.
+anything). `rho` is not used: rho = 0 gives the stock step (no KL term, no EMA forward; the EMA is
+still kept), any other rho than the default is refused; the strength is `saf_lambda`.
 
 Defaults (official MESA_train.py): lambda = 0.3 (`saf_lambda`; run.sh: 0.8), T = 5 (`saf_temperature`),
 E_start = 5 (`saf_start`), decay = 0.9998 (`mesa_decay`).
@@ -92,7 +93,7 @@ def mesa(ctx):
     trainer, cfg = ctx.trainer, ctx.config
     init_ema(trainer)
     lam = float(cfg.saf_lambda)
-    active = current_epoch(ctx) > cfg.saf_start and lam != 0
+    active = current_epoch(ctx) > cfg.saf_start and lam != 0 and cfg.rho != 0  # rho = 0: the stock step
 
     def hook(compute, model, inputs, num_items_in_batch):
         ref = ema_logits(trainer, inputs) if active else None
@@ -117,5 +118,6 @@ MESA_FACTS = Facts(
 )
 
 
-register("mesa", passes=1, uses_rho=False, paper=SAF_PAPER, check=check_trajectory_config("mesa"),
+register("mesa", passes=1, uses_rho=False, rho_note="its strength is saf_lambda", paper=SAF_PAPER,
+         check=check_trajectory_config("mesa"),
          on_setup=on_setup, facts=MESA_FACTS)(mesa)

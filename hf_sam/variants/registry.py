@@ -45,7 +45,10 @@ class Variant:
     passes: forward+backward passes per micro-batch on a sharpness-aware step, as documented (read by
         scripts/bench.py; the FLOP count uses the passes each micro-batch actually ran, `ctx.passes`).
     adaptive: the ascent is ASAM-adaptive whatever `SAMConfig.adaptive` says.
-    uses_rho: rho = 0 turns the variant into the stock Trainer step.
+    uses_rho: the variant reads the radius rho; rho = 0 turns it into the stock Trainer step (the step
+        is skipped). A variant with uses_rho=False must give the stock step itself at rho = 0 (rho = 0 is
+        the stock step for every variant); any rho other than 0 and the default is refused.
+    rho_note: for uses_rho=False, what sets the variant's strength instead (quoted in the refusal).
     paper: {"title", "authors", "venue", "arxiv", "bibtex"} for the model card (`<NAME>_PAPER` constants).
     check: `check(config)` raises ValueError for settings the variant cannot accept (SAMConfig.validate).
     hooks: optional context-manager factories `hook(trainer)` SAMTrainer enters around
@@ -64,6 +67,7 @@ class Variant:
     passes: float = 2
     adaptive: bool = False
     uses_rho: bool = True
+    rho_note: str = ""
     paper: dict = field(default_factory=dict)
     check: Callable = _no_check
     hooks: dict = field(default_factory=dict)
@@ -73,7 +77,7 @@ class Variant:
     facts: Facts | None = None
 
 
-def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True,
+def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True, rho_note: str = "",
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
              on_setup: Callable | None = None, trainer_only: bool = False,
              check_optimizer: Callable | None = None, facts: Facts | None = None, replace: bool = False):
@@ -88,7 +92,7 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
         if name in _REGISTRY and not replace:
             raise ValueError(f"variant {name!r} is already registered; pass replace=True to override it")
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
-                                  paper=dict(paper or {}), check=check or _no_check,
+                                  rho_note=rho_note, paper=dict(paper or {}), check=check or _no_check,
                                   hooks=dict(hooks or {}), on_setup=on_setup,
                                   trainer_only=trainer_only, check_optimizer=check_optimizer, facts=facts)
         return fn

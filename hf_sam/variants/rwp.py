@@ -17,8 +17,10 @@ averaging forms the mix). Here both passes run sequentially on one device on the
 step does. In multi-process runs every process does both passes on its own micro-batch and the mix
 is averaged once.
 
-Defaults: alpha = 0.5, gamma = 0.01 (CIFAR). alpha = 0 or gamma = 0 gives the stock step. rho is not
-used. Noise is drawn only for the selected parameters (`perturb`), in `model.named_parameters()` order,
+Defaults: alpha = 0.5, gamma = 0.01 (CIFAR). alpha = 0 or gamma = 0 gives the stock step.
+rho: RWP has no radius: its strength is the relative noise scale gamma (`rwp_gamma`) and the mix alpha.
+rho = 0 gives the stock step (as for every variant); any other rho than the default 0.05 is refused
+(it would be silently ignored). Noise is drawn only for the selected parameters (`perturb`), in `model.named_parameters()` order,
 from a `torch.Generator` seeded from (seed, global_step, micro-step, rank); see
 `hf_sam.variants.common.noise_seed`.
 
@@ -61,8 +63,8 @@ def filter_noise(noise: Noise, p: torch.Tensor, gamma: float) -> torch.Tensor:
 def rwp(ctx):
     cfg = ctx.config
     alpha, gamma = float(cfg.rwp_alpha), float(cfg.rwp_gamma)
-    if alpha == 0 or gamma == 0:
-        ctx.grad(final=True)  # the mix is the clean gradient: the stock step
+    if cfg.rho == 0 or alpha == 0 or gamma == 0:
+        ctx.grad(final=True)  # rho = 0 (every variant's off switch), or the mix is the clean gradient: the stock step
         return
     g = ctx.grad()  # clean pass at w
     noise = Noise(ctx)
@@ -76,4 +78,4 @@ def _check(config):
     refuse_ascent_shaping(config, "its perturbation is random")
 
 
-register("rwp", uses_rho=False, paper=RWP_PAPER, check=_check)(rwp)
+register("rwp", uses_rho=False, rho_note="its noise scale is rwp_gamma, its mix rwp_alpha", paper=RWP_PAPER, check=_check)(rwp)

@@ -12,7 +12,8 @@ z_ref = the logits the same sample produced `saf_lag` (E~) epochs earlier, read 
 bank[N, E~ + 1, C]: every step writes the current logits at slot (epoch mod (E~ + 1)) and reads slot
 ((epoch - E~) mod (E~ + 1)). The KL term is active in epochs e > saf_start (strict, 0-based epochs, as
 the code's `epoch > kl_start_epoch`) once e >= E~ (so that the read slot was written). The official
-E_end (300) is not modelled (the term stays on until the end). `rho` is not used.
+E_end (300) is not modelled (the term stays on until the end). `rho` is not used: rho = 0 gives the
+stock step (the index column is still popped; no bank, no KL), any other rho than the default is refused.
 
 Defaults (official code): lambda = 0.16 (`saf_lambda`; README: 0.3), T = 5 (`saf_temperature`),
 E_start = 5 (`saf_start`), E~ = 3 (`saf_lag`; run.sh: 2).
@@ -165,6 +166,8 @@ def saf(ctx):
         inputs = dict(inputs)
         index = inputs.pop(INDEX_COLUMN).reshape(-1).long().cpu()
         loss, outputs = compute(inputs)
+        if cfg.rho == 0:  # every variant's off switch: the stock step
+            return loss, outputs
         logits = classification_logits(outputs, "saf")
         if index.numel() != logits.shape[0] or (index.numel() and int(index.min()) < 0):
             raise ValueError(f"variant='saf': {INDEX_COLUMN!r} must hold one non-negative index per sample.")
@@ -188,5 +191,6 @@ SAF_FACTS = Facts(
 )
 
 
-register("saf", passes=1, uses_rho=False, paper=SAF_PAPER, check=check_trajectory_config("saf"),
+register("saf", passes=1, uses_rho=False, rho_note="its strength is saf_lambda", paper=SAF_PAPER,
+         check=check_trajectory_config("saf"),
          on_setup=on_setup, facts=SAF_FACTS)(saf)
