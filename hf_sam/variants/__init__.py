@@ -16,24 +16,7 @@ LOOKSAM_FACTS = Facts(
     memory="+1 persistent (g_v, in the checkpoint); +1 transient on refresh steps",
 )
 
-RSAM_FACTS = Facts(
-    paper="Liu et al., *Random Sharpness-Aware Minimization*, NeurIPS 2022 "
-          "([OpenReview](https://openreview.net/forum?id=htUvh7xPoa)); **equations unverified**",
-    settings="`rho`, `rsam_sigma` (0.01; 0 = SAM)",
-    passes="2",
-    memory="2 (noise / e, snapshot)",
-)
-
-RWP_FACTS = Facts(
-    paper="Li et al., *Efficient Generalization Improvement Guided by Random Weight Perturbation*, "
-          "[2211.11489](https://arxiv.org/abs/2211.11489)",
-    settings="`rwp_alpha` (0.5), `rwp_gamma` (0.01); no `rho`",
-    passes="2 (sequential; the paper's 2-GPU parallel form is not used)",
-    memory="2 (clean gradient, snapshot); the noise is freed once applied",
-)
 
 describe("looksam", LOOKSAM_FACTS)
-describe("rsam", RSAM_FACTS)
-describe("rwp", RWP_FACTS)
 
 __all__ = ["Facts", "Variant", "available", "describe", "get_variant", "register", "unregister", "variants_markdown"]

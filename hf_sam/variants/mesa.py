@@ -112,7 +112,8 @@ def on_setup(trainer):
 
 MESA_FACTS = Facts(
     paper="same",
-    settings="`saf_lambda` (0.3), `saf_temperature` (5), `saf_start` (5 epochs), `mesa_decay` (0.9998); no `rho`",
+    settings="`saf_lambda` (0.3), `saf_temperature` (5), `saf_start` (5 epochs), `mesa_decay` (0.9998); "
+             "no radius (`rho` 0 = stock step, other values refused)",
     passes="1 + 1 no-grad forward",
     memory="1 (EMA weights)",
 )

@@ -33,7 +33,7 @@ Noise: a `torch.Generator` seeded from (seed, global_step, micro-step, rank); se
 import torch
 
 from .. import ops
-from .registry import register
+from .registry import Facts, register
 from .common import Noise, random_perturbation
 
 RSAM_PAPER = {
@@ -109,4 +109,13 @@ def rsam(ctx):
     ctx.grad(at=e, final=True, release=True)    # descent at w + delta + rho g~/||g~||
 
 
-register("rsam", paper=RSAM_PAPER)(rsam)
+RSAM_FACTS = Facts(
+    paper="Liu et al., *Random Sharpness-Aware Minimization*, NeurIPS 2022 "
+          "([OpenReview](https://openreview.net/forum?id=htUvh7xPoa)); **equations unverified**",
+    settings="`rho`, `rsam_sigma` (0.01; 0 = SAM)",
+    passes="2 + 1 no-grad forward at w (the logged L(w); SAMTrainer)",
+    memory="2 (noise / e, snapshot)",
+)
+
+
+register("rsam", facts=RSAM_FACTS, paper=RSAM_PAPER)(rsam)

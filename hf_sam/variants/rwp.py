@@ -32,7 +32,7 @@ buffers: the clean gradient and the snapshot of w (the noise is freed once it is
 import torch
 
 from .. import ops
-from .registry import register
+from .registry import Facts, register
 from .common import Noise, random_perturbation, refuse_ascent_shaping
 
 RWP_PAPER = {
@@ -78,4 +78,14 @@ def _check(config):
     refuse_ascent_shaping(config, "its perturbation is random")
 
 
-register("rwp", uses_rho=False, rho_note="its noise scale is rwp_gamma, its mix rwp_alpha", paper=RWP_PAPER, check=_check)(rwp)
+RWP_FACTS = Facts(
+    paper="Li et al., *Efficient Generalization Improvement Guided by Random Weight Perturbation*, "
+          "[2211.11489](https://arxiv.org/abs/2211.11489)",
+    settings="`rwp_alpha` (0.5), `rwp_gamma` (0.01); no radius (`rho` 0 = stock step, other values refused)",
+    passes="2 (sequential; the paper's 2-GPU parallel form is not used)",
+    memory="2 (clean gradient, snapshot); the noise is freed once applied",
+)
+
+
+register("rwp", facts=RWP_FACTS, uses_rho=False, rho_note="its noise scale is rwp_gamma, its mix rwp_alpha",
+         paper=RWP_PAPER, check=_check)(rwp)

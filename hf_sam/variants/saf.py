@@ -184,7 +184,7 @@ def saf(ctx):
 SAF_FACTS = Facts(
     paper="Du et al., *Sharpness-Aware Training for Free*, NeurIPS 2022, "
           "[2205.14083](https://arxiv.org/abs/2205.14083)",
-    settings="`saf_lambda` (0.16), `saf_temperature` (5), `saf_start` (5 epochs), `saf_lag` (3 epochs); no `rho`; "
+    settings="`saf_lambda` (0.16), `saf_temperature` (5), `saf_start` (5 epochs), `saf_lag` (3 epochs); no radius (`rho` 0 = stock step, other values refused); "
              "needs a `sample_index` column",
     passes="1",
     memory="0 (+ host logit bank N·(lag+1)·C floats)",
