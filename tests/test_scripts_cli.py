@@ -139,3 +139,30 @@ def test_prepare_run_sets_threads_and_no_pinning_without_an_accelerator(tmp_path
     finally:
         torch.set_num_threads(before)
     assert args.dataloader_pin_memory is has_accelerator()
+
+
+def test_lora_saves_ask_the_hub_nothing_when_the_weights_are_local(tmp_path, monkeypatch):
+    """PEFT decides at each save whether to store the embeddings by reading the base model's config.json,
+    from the Hub when the model is named by a Hub id; with the local folder given, no save asks."""
+    import peft.utils.save_and_load as peft_save
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_sam_scripts.arguments import LoraArguments
+    from hf_sam_scripts.models import apply_lora
+
+    asked = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda repo, name, **kw: asked.append(repo))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    lora = LoraArguments(lora_r=2)
+    for local, expected in ((True, []), (False, ["org/tiny-bert"])):
+        base = BertForSequenceClassification(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=16))
+        folder = tmp_path / f"base_{local}"
+        base.config.save_pretrained(folder)
+        base.config._name_or_path = base.name_or_path = "org/tiny-bert"  # as train_text_cls's base_model_id
+        model = apply_lora(base, lora, task_type="SEQ_CLS", default_targets=["query", "value"],
+                           weights_path=folder if local else None)
+        asked.clear()
+        model.save_pretrained(tmp_path / f"out_{local}")
+        assert asked == expected
+        assert (tmp_path / f"out_{local}" / "adapter_model.safetensors").is_file()
