@@ -19,14 +19,12 @@ does); on GPUs accelerate sets it up and nothing is forced.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
+from hf_sam import SAMTrainer, SAMTrainingArguments
 
 VOCAB, SEQ = 101, 16
 COUNTS = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0, "ddp_bucket_all_reduce": 0}

@@ -21,22 +21,19 @@ The script prints a table, and writes a PNG with one panel per measure against t
 
 import argparse
 import importlib.util
-import inspect
 import json
 import math
-import os
 import re
 import shlex
-import sys
 import tempfile
 import time
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
+from hf_sam_scripts.errors import ScriptError, run_main
+from hf_sam_scripts.plots import draw_panels
 
-from _common import REPO_DIR, ScriptError, run_main  # noqa: E402
-from plot_runs import draw_panels  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 MEASURES = ("top_eigenvalue", "trace", "m_sharpness")
 # flags of the recorded command that would write to (or read from) the run: replaced or dropped on replay
@@ -139,20 +136,20 @@ def rebuild(script, argv, scratch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
-    class Capture:
-        def __init__(self, *args, **kwargs):
-            raise _Captured(kwargs)
+    def capture(self, *args, **kwargs):  # every Trainer subclass ends in Trainer.__init__
+        raise _Captured(kwargs)
 
-    for name, value in list(vars(module).items()):  # the script's trainer class, whatever its name
-        if inspect.isclass(value) and issubclass(value, Trainer):
-            setattr(module, name, Capture)
-    if not hasattr(module, "main"):
-        raise ScriptError(f"{path} has no main(argv) to replay.")
+    if not (hasattr(module, "main") and hasattr(module, "parse_args")):
+        raise ScriptError(f"{path} has no parse_args(argv) and main(...) to replay.")
     argv = [str(_resolve(a)) if a.endswith((".yaml", ".yml")) else a for a in argv]
+    original = Trainer.__init__
+    Trainer.__init__ = capture
     try:
-        module.main(replay_argv(argv, scratch))
+        module.main(*module.parse_args(replay_argv(argv, scratch)))
     except _Captured as captured:
         return captured.kwargs
+    finally:
+        Trainer.__init__ = original
     raise ScriptError(f"{path} finished without building a trainer; cannot rebuild its evaluation data.")
 
 

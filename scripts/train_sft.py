@@ -20,42 +20,14 @@ pip install -e ".[trl]".
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
-
-import torch
-from transformers import set_seed
-
-from _common import (
-    ConfigError,
-    DataError,
-    LoraArguments,
-    ScriptParser,
-    apply_lora,
-    attach_sharpness,
-    check_launch,
-    checkpoint_to_resume,
-    finetuned_from,
-    finish_run,
-    rank_zero_print,
-    reproduce_command,
-    train_bpe,
-    resolve_model_path,
-    run_main,
-    take,
-)
-
-from hf_sam import with_sam, with_sam_args
-
-try:
-    from trl import SFTConfig, SFTTrainer
-except ImportError as err:  # an optional extra
-    raise SystemExit(f"scripts/train_sft.py needs TRL: pip install -e \".[trl]\" ({err})") from None
-
-SAMSFTConfig = with_sam_args(SFTConfig)  # SFTConfig + every SAM setting as --sam_<name>
-SAMSFTTrainer = with_sam(SFTTrainer)  # SFTTrainer whose training step is sharpness-aware
+from hf_sam_scripts.arguments import CommonArguments, LoraArguments
+from hf_sam_scripts.cli import SAM_SFT_CONFIG, parse_script_args
+from hf_sam_scripts.data import take
+from hf_sam_scripts.errors import ConfigError, DataError, run_main
+from hf_sam_scripts.models import apply_lora, finetuned_from, resolve_model_path, train_bpe
+from hf_sam_scripts.run import prepare_run, rank_zero_print, train_and_finish
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sft_pydoc.yaml")
 END_OF_TURN = "<|end|>"
@@ -66,7 +38,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(CommonArguments):
     # --- model: a pretrained causal LM, or (default) a Llama-style model built from these sizes ---
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained causal LM (a chat model for chat data): a Hub id (Qwen/Qwen2.5-0.5B-Instruct), a "
@@ -77,10 +49,6 @@ class ScriptArguments:
     # --- tokenizer: the model's, or (default) a BPE with a chat template trained on the topics ---
     vocab_size: int = field(default=1024, metadata={"help": "Built model: size of the trained BPE vocabulary."})
     # --- data: a Hub chat dataset, or (default) questions and answers made from pydoc_data.topics ---
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "Hub dataset in a format SFTTrainer reads (messages, or prompt/completion). Default: chat "
-                "examples built from the Python help topics (pydoc_data.topics, ships with Python)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={
         "help": "Held-out split; default: a share of the training examples (eval_fraction)."})
@@ -88,39 +56,29 @@ class ScriptArguments:
         "help": "Pydoc data: the answer is the first N characters of a section (cut at a word boundary)."})
     eval_fraction: float = field(default=0.1, metadata={
         "help": "Share of the examples held out when there is no test split."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the train/held-out split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N held-out examples."})
-    # --- output ---
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start over in an output_dir that already holds checkpoints of another run."})
-    torch_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads per process for torch (torch.set_num_threads); default: torch's choice."})
 
 
 def parse_args(argv=None):
-    """Settings: dataclass defaults < --config file.yaml (default: DEFAULT_CONFIG) < command-line flags.
+    """(script_args, lora_args, training_args, reproduce command): defaults < --config < flags.
 
-    Returns (script_args, lora_args, training_args, the command that reproduces the run).
+    The training arguments are `hf_sam.with_sam_args(trl.SFTConfig)`: SFTConfig + every SAM setting.
     """
-    parser = ScriptParser((ScriptArguments, LoraArguments, SAMSFTConfig), description=__doc__,
-                          default_config=DEFAULT_CONFIG)
-    script_args, lora_args, training_args = parser.parse_args_and_config(argv)
-    script_args.sam_measure = parser.sam_measure  # --sam_measure (the parser's own option)
-    return script_args, lora_args, training_args, reproduce_command(__file__, parser.effective_argv)
+    return parse_script_args(__file__, __doc__, [(ScriptArguments, "train_sft.py settings"),
+                                                 (LoraArguments, "LoRA (PEFT)")],
+                             SAM_SFT_CONFIG, DEFAULT_CONFIG, argv)
 
 
 def main(script_args, lora_args, training_args, command=None):
     """Fine-tune, evaluate, answer one held-out question and save. Returns (trainer, metrics)."""
-    # 1. Checks that need no data, then the seed.
+    from trl import SFTTrainer
+
+    from hf_sam import with_sam
+
+    # 1. Checks that need no data, threads, the seed.
     if script_args.model_name_or_path is None and script_args.hidden_size % script_args.num_heads:
         raise ConfigError(f"hidden_size={script_args.hidden_size} must be a multiple of "
                           f"num_heads={script_args.num_heads}.")
-    check_launch(training_args)
-    resume = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
-    if script_args.torch_threads:
-        torch.set_num_threads(script_args.torch_threads)
-    set_seed(training_args.seed)
+    resume = prepare_run(script_args, training_args)
 
     # 2. Chat examples (train and held-out), the tokenizer and the model.
     splits, source = load_chat_data(script_args)
@@ -129,22 +87,23 @@ def main(script_args, lora_args, training_args, command=None):
     model = apply_lora(model, lora_args, task_type="CAUSAL_LM", default_targets=[["q_proj", "v_proj"], ["c_attn"]])
 
     # 3. SFT with SAM: SFTTrainer's data handling, loss and metrics; hf_sam's training step.
-    trainer = SAMSFTTrainer(model=model, args=training_args, train_dataset=splits["train"],
-                            eval_dataset=splits["test"], processing_class=tokenizer)
-    trainer.sam_reproduce_command = command
-    attach_sharpness(trainer, getattr(script_args, "sam_measure", None))
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer = with_sam(SFTTrainer)(model=model, args=training_args, train_dataset=splits["train"],
+                                   eval_dataset=splits["test"], processing_class=tokenizer)
+    metrics = train_and_finish(trainer, resume, command, script_args.sam_measure, tasks="text-generation",
+                               dataset=source, finetuned_from=finetuned_from(script_args.model_name_or_path))
 
-    # 4. Held-out loss and token accuracy, one answer, then model + tokenizer + metrics + card.
-    metrics = {"train": train_result.metrics, "eval": trainer.evaluate()}
-    finish_run(trainer, metrics, tasks="text-generation", dataset=source,
-               finetuned_from=finetuned_from(script_args.model_name_or_path))
+    # 4. Held-out loss and token accuracy, and one answer.
     rank_zero_print(f"held-out loss {metrics['eval']['eval_loss']:.4f}, token accuracy "
                     f"{metrics['eval'].get('eval_mean_token_accuracy', float('nan')):.3f}")
     question = question_of(splits["test"][0])
     if question and tokenizer.chat_template and trainer.is_world_process_zero():
         print(f"Q: {question[-1]['content']}\nA: {answer(trainer.model, tokenizer, question)}")
     return trainer, metrics
+
+
+def run(argv=None):
+    """main(*parse_args(argv)): parse and train, for notebooks and tests."""
+    return main(*parse_args(argv))
 
 
 def pydoc_sections(answer_chars):
@@ -248,6 +207,8 @@ def question_of(example):
 
 def answer(model, tokenizer, prompt, max_new_tokens=40):
     """Greedy answer of `model` to a chat prompt (a list of messages)."""
+    import torch
+
     ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ids = {k: v.to(model.device) for k, v in ids.items()}
     model.eval()
@@ -258,4 +219,4 @@ def answer(model, tokenizer, prompt, max_new_tokens=40):
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(*parse_args()))
+    run_main(main, parse_args)

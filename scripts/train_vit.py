@@ -17,44 +17,20 @@ LoRA through `--lora_r 8` (PEFT), and `--config file.yaml` sets defaults that fl
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for _common when run as a script
-
-import numpy as np
-import torch
-from transformers import set_seed
-
-from _common import (
-    ConfigError,
-    DataError,
-    LoraArguments,
-    ScriptParser,
-    apply_lora,
-    attach_sharpness,
-    check_launch,
-    checkpoint_to_resume,
-    encode_labels,
-    finetuned_from,
-    finish_run,
-    rank_zero_print,
-    reproduce_command,
-    require_columns,
-    resolve_model_path,
-    run_main,
-    split_train_validation_test,
-    take,
-)
-
-from hf_sam import SAMTrainer, SAMTrainingArguments
-from hf_sam.metrics import load_metric
+from hf_sam_scripts.arguments import CommonArguments, LoraArguments
+from hf_sam_scripts.cli import SAM_TRAINING_ARGUMENTS, parse_script_args
+from hf_sam_scripts.data import classification_splits
+from hf_sam_scripts.errors import ConfigError, DataError, run_main
+from hf_sam_scripts.models import apply_lora, finetuned_from, resolve_model_path
+from hf_sam_scripts.run import accuracy_metrics, prepare_run, rank_zero_print, train_and_finish
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "vit_digits.yaml")
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(CommonArguments):
     # --- model: a Hub id / local folder, or (default) a small ViT built from these sizes ---
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained image classifier: a Hub id (google/vit-base-patch16-224-in21k), a local folder, or "
@@ -65,10 +41,7 @@ class ScriptArguments:
     num_hidden_layers: int = field(default=2, metadata={"help": "Built ViT: number of transformer blocks."})
     num_attention_heads: int = field(default=4, metadata={"help": "Built ViT: attention heads per block."})
     intermediate_size: int = field(default=128, metadata={"help": "Built ViT: MLP hidden size."})
-    # --- data: a Hub dataset, an image folder, or (default) sklearn's digits ---
-    dataset_name: str | None = field(default=None, metadata={
-        "help": "Hub dataset id (e.g. cifar10, food101). Default: scikit-learn's bundled 8x8 digits."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    # --- data: a Hub dataset (--dataset_name, e.g. cifar10), an image folder, or (default) sklearn's digits ---
     train_dir: str | None = field(default=None, metadata={
         "help": "Local image folder (one subfolder per class, optionally inside train/ validation/ test/)."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
@@ -77,117 +50,59 @@ class ScriptArguments:
         "help": "Share of train held out for validation when the dataset has no validation split."})
     test_fraction: float = field(default=0.15, metadata={
         "help": "Share of train held out for the final test when the dataset has no test split."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={
-        "help": "Keep only the first N validation and test images."})
-    # --- evaluation and output ---
     metric: str = field(default="accuracy", metadata={
         "help": "evaluate metric: 'accuracy' loads hf_sam's bundled copy (offline); a Hub id or a path otherwise."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start over in an output_dir that already holds checkpoints of another run."})
-    torch_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads per process for torch (torch.set_num_threads); default: torch's choice. "
-                "Tiny models train faster on 1 thread, especially on a busy machine."})
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(script_args, lora_args, training_args, reproduce command): defaults < --config < flags."""
+    return parse_script_args(__file__, __doc__, [(ScriptArguments, "train_vit.py settings"),
+                                                 (LoraArguments, "LoRA (PEFT)")],
+                             SAM_TRAINING_ARGUMENTS, DEFAULT_CONFIG, argv)
+
+
+def main(script_args, lora_args, training_args, command=None):
     """Train, evaluate and save. Returns (trainer, metrics) for notebooks and tests."""
-    # -------------------------------------------------------------------------
-    # 1. Settings: dataclass defaults < --config file.yaml < command-line flags.
-    #    Without --config the default job's file is read (DEFAULT_CONFIG); `--config none` skips it.
-    parser = ScriptParser((ScriptArguments, LoraArguments, SAMTrainingArguments), description=__doc__,
-                          default_config=DEFAULT_CONFIG)
-    script_args, lora_args, training_args = parser.parse_args_and_config(argv)
+    from hf_sam import SAMTrainer
+
+    # 1. Checks that need no data; threads, seed. The transforms below make pixel_values on the fly
+    #    from the image column, which the Trainer would otherwise drop as "unused" first.
     if script_args.dataset_name and script_args.train_dir:
         raise ConfigError("give either --dataset_name or --train_dir, not both.")
-    check_launch(training_args)
-    resume = checkpoint_to_resume(training_args, script_args.overwrite_output_dir)
-    # The transforms below produce pixel_values on the fly from the image column, which the Trainer
-    # would otherwise drop as "unused" before the transform ever sees it.
+    resume = prepare_run(script_args, training_args)
     training_args.remove_unused_columns = False
-    if script_args.torch_threads:
-        torch.set_num_threads(script_args.torch_threads)
-    set_seed(training_args.seed)
 
-    # -------------------------------------------------------------------------
-    # 2. Data: a DatasetDict with train / validation / test splits, labels as a ClassLabel.
+    # 2. Data: train / validation / test splits, labels as a ClassLabel.
     splits, source = load_image_data(script_args)
-    for name in splits:
-        require_columns(splits[name], [(script_args.image_column, "image_column"),
-                                       (script_args.label_column, "label_column")], f"{source} ({name} split)")
-    splits = encode_labels(splits, script_args.label_column, source)
-    splits = split_train_validation_test(splits, script_args.validation_fraction, script_args.test_fraction,
-                                         seed=script_args.split_seed, stratify=script_args.label_column)
-    splits["train"] = take(splits["train"], script_args.max_train_samples)
-    for name in ("validation", "test"):
-        splits[name] = take(splits[name], script_args.max_eval_samples)
-    labels = splits["train"].features[script_args.label_column].names
-    rank_zero_print(f"data: {source}: {len(labels)} classes; "
-                    + ", ".join(f"{name} {len(ds)}" for name, ds in splits.items()))
+    splits, labels = classification_splits(splits, source, script_args, script_args.image_column, "image_column")
 
-    # -------------------------------------------------------------------------
-    # 3. Model and image processor.
-    id2label = dict(enumerate(labels))
-    label2id = {name: i for i, name in id2label.items()}
-    model, processor = build_model_and_processor(script_args, id2label, label2id)
-    model = apply_lora(model, lora_args, task_type=None,
-                       default_targets=[["q_proj", "v_proj"], ["query", "value"]],
-                       default_modules_to_save=["classifier"])
+    # 3. Model and image processor (a fresh head for these labels); LoRA when asked.
+    path = resolve_model_path(script_args.model_name_or_path)
+    model, processor = build_model_and_processor(script_args, path, labels)
+    model = apply_lora(model, lora_args, task_type=None, default_targets=[["q_proj", "v_proj"], ["query", "value"]],
+                       default_modules_to_save=["classifier"], weights_path=path)
     if lora_args.lora_r > 0 and training_args.label_names is None:
         training_args.label_names = ["labels"]  # a PeftModel's forward hides the label argument from the Trainer
 
-    # -------------------------------------------------------------------------
-    # 4. Transforms: images -> pixel_values with the model's own processor, applied per batch.
-    mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
-    image_column, label_column = script_args.image_column, script_args.label_column
-
-    def transform(batch):
-        images = [image.convert(mode) for image in batch[image_column]]
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.tensor(batch[label_column])}
-
+    # 4. Images -> pixel_values with the model's own processor, per batch; train with SAM; test.
+    transform, collate = image_transform(model, processor, script_args.image_column, script_args.label_column)
     for ds in splits.values():
         ds.set_transform(transform)
-
-    def collate(examples):
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                "labels": torch.stack([e["labels"] for e in examples])}
-
-    # -------------------------------------------------------------------------
-    # 5. Metric: accuracy through `evaluate`, from the local module unless told otherwise.
-    metric = load_metric(script_args.metric)
-
-    def compute_metrics(prediction):
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
-
-    # -------------------------------------------------------------------------
-    # 6. Train with SAM. Checkpoints go to output_dir as configured (save_strategy).
-    trainer = SAMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        data_collator=collate,
-        compute_metrics=compute_metrics,
-        processing_class=processor,
-    )
-    trainer.sam_reproduce_command = reproduce_command(__file__, parser.effective_argv)
-    attach_sharpness(trainer, parser)  # --sam_measure: sharpness/* logged at every evaluation
-    train_result = trainer.train(resume_from_checkpoint=resume)
-
-    # -------------------------------------------------------------------------
-    # 7. Evaluate on validation and test, save model + metrics + model card, push if asked.
-    metrics = {"train": train_result.metrics,
-               "eval": trainer.evaluate(),
-               "test": trainer.predict(splits["test"], metric_key_prefix="test").metrics}
-    finish_run(trainer, metrics, tasks="image-classification", dataset=source,
-               finetuned_from=finetuned_from(script_args.model_name_or_path))
+    trainer = SAMTrainer(model=model, args=training_args, train_dataset=splits["train"],
+                         eval_dataset=splits["validation"], data_collator=collate,
+                         compute_metrics=accuracy_metrics(script_args.metric), processing_class=processor)
+    metrics = train_and_finish(trainer, resume, command, script_args.sam_measure, tasks="image-classification",
+                               dataset=source, finetuned_from=finetuned_from(script_args.model_name_or_path),
+                               test_split=splits["test"])
     rank_zero_print(f"test accuracy: {metrics['test'].get('test_accuracy', float('nan')):.4f}  "
                     f"(validation {metrics['eval'].get('eval_accuracy', float('nan')):.4f}; "
                     f"model, metrics and card in {training_args.output_dir})")
     return trainer, metrics
+
+
+def run(argv=None):
+    """main(*parse_args(argv)): parse and train, for notebooks and tests."""
+    return main(*parse_args(argv))
 
 
 def load_image_data(args):
@@ -206,6 +121,7 @@ def load_image_data(args):
 def digits_dataset():
     """scikit-learn's 1797 handwritten digits (8x8, 17 grey levels) as 8x8 PIL images in one train split,
     with the columns "image" and "label"."""
+    import numpy as np
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
     from PIL import Image as PILImage
     from sklearn.datasets import load_digits
@@ -217,12 +133,33 @@ def digits_dataset():
     return DatasetDict(train=Dataset.from_dict(data, features=features))
 
 
-def build_model_and_processor(args, id2label, label2id):
-    """A pretrained classifier with a fresh head for our labels, or a small ViT built from scratch."""
-    from transformers import (AutoImageProcessor, AutoModelForImageClassification, ViTConfig,
-                              ViTForImageClassification, ViTImageProcessor)
+def image_transform(model, processor, image_column, label_column):
+    """(transform for Dataset.set_transform, data collator): images -> pixel_values, labels -> a tensor."""
+    import torch
 
-    if args.model_name_or_path is None:
+    mode = "L" if getattr(model.config, "num_channels", 3) == 1 else "RGB"
+
+    def transform(batch):
+        images = [image.convert(mode) for image in batch[image_column]]
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.tensor(batch[label_column])}
+
+    def collate(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.stack([e["labels"] for e in examples])}
+
+    return transform, collate
+
+
+def build_model_and_processor(args, path, labels):
+    """A pretrained classifier (from `path`) with a fresh head for our labels, or a small ViT built from scratch."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in id2label.items()}
+    if path is None:
         if args.image_size % args.patch_size:
             raise ConfigError(f"image_size={args.image_size} must be a multiple of patch_size={args.patch_size}.")
         if args.hidden_size % args.num_attention_heads:
@@ -232,11 +169,15 @@ def build_model_and_processor(args, id2label, label2id):
                            hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                            num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
                            num_labels=len(id2label), id2label=id2label, label2id=label2id)
-        processor = ViTImageProcessor(do_resize=True, size={"height": args.image_size, "width": args.image_size},
-                                      image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        # without torchvision, the PIL processor that ViTImageProcessor falls back to (and warns about)
+        if importlib.util.find_spec("torchvision") is None:
+            from transformers import ViTImageProcessorPil as processor_class
+        else:
+            from transformers import ViTImageProcessor as processor_class
+        processor = processor_class(do_resize=True, size={"height": args.image_size, "width": args.image_size},
+                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
         return ViTForImageClassification(config), processor
 
-    path = resolve_model_path(args.model_name_or_path)
     try:
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -253,4 +194,4 @@ def build_model_and_processor(args, id2label, label2id):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, parse_args)

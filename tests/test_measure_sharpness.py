@@ -1,24 +1,21 @@
 """scripts/measure_sharpness.py on a tiny ViT digits run made here, and the scripts' --sam_measure option."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+import tiny  # tests/ is on the path under pytest (rootdir conftest)
+from test_sharpness import hand_m_sharpness
+
+from hf_sam import SAMTrainer, SAMTrainingArguments
+from hf_sam.sharpness import hessian_eigenvalues
+from hf_sam_scripts import run as script_run
+from hf_sam_scripts.errors import ConfigError, ScriptError
+from hf_sam_scripts.parser import ScriptParser
+from scripts import measure_sharpness, train_vit
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "tests"))
-
-import _common  # noqa: E402
-import measure_sharpness  # noqa: E402
-import tiny  # noqa: E402
-import train_vit  # noqa: E402
-from _common import ConfigError, ScriptError, ScriptParser  # noqa: E402
-from test_sharpness import hand_m_sharpness  # noqa: E402
-
-from hf_sam import SAMTrainer, SAMTrainingArguments  # noqa: E402
-from hf_sam.sharpness import hessian_eigenvalues  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_VIT = ["--config", str(REPO / "configs" / "vit_digits.yaml"), "--max_steps", "4", "--save_strategy", "steps",
@@ -31,7 +28,7 @@ TINY_VIT = ["--config", str(REPO / "configs" / "vit_digits.yaml"), "--max_steps"
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vit_run")
-    trainer, _ = train_vit.main([*TINY_VIT, "--output_dir", str(out)])
+    trainer, _ = train_vit.run([*TINY_VIT, "--output_dir", str(out)])
     return out, trainer
 
 
@@ -95,7 +92,7 @@ def test_sam_measure_option_logs_sharpness_at_each_evaluation(tmp_path):
     assert parser.sam_measure == ["m_sharpness", "trace"]
     trainer = SAMTrainer(model=tiny.MLP(), args=args, train_dataset=tiny.Blobs(n=64),
                          eval_dataset=tiny.Blobs(n=16, seed=3))
-    callback = _common.attach_sharpness(trainer, parser)
+    callback = script_run.attach_sharpness(trainer, parser)
     assert callback in trainer.callback_handler.callbacks
     trainer.train()
     logged = [e for e in trainer.state.log_history if "sharpness/m_sharpness" in e]
@@ -111,6 +108,6 @@ def test_sam_measure_refuses_bad_settings(tmp_path):
                                             "--use_cpu", "true", "--report_to", "none"])
     trainer = SAMTrainer(model=tiny.MLP(), args=args, train_dataset=tiny.Blobs())
     with pytest.raises(ConfigError, match="eval_strategy"):
-        _common.attach_sharpness(trainer, parser)
+        script_run.attach_sharpness(trainer, parser)
     (args,) = parser.parse_args_and_config(["--output_dir", str(tmp_path), "--use_cpu", "true"])
-    assert parser.sam_measure is None and _common.attach_sharpness(trainer, parser) is None
+    assert parser.sam_measure is None and script_run.attach_sharpness(trainer, parser) is None

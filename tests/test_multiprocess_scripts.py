@@ -17,10 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 WRAPPER = """
 import hashlib, json, sys
-sys.path.insert(0, {scripts!r})
-from train_vit import main
+from scripts.train_vit import run
 
-trainer, metrics = main(sys.argv[2:])
+trainer, metrics = run(sys.argv[2:])
 weights = hashlib.sha256()
 for name, tensor in sorted(trainer.accelerator.unwrap_model(trainer.model).state_dict().items()):
     weights.update(name.encode())
@@ -42,7 +41,7 @@ def free_port():
 
 def test_two_cpu_processes_train_one_model(tmp_path):
     wrapper = tmp_path / "launch_vit.py"
-    wrapper.write_text(WRAPPER.format(scripts=str(REPO / "scripts")))
+    wrapper.write_text(WRAPPER.format())
     reports = tmp_path / "reports"
     reports.mkdir()
     command = [
@@ -55,7 +54,8 @@ def test_two_cpu_processes_train_one_model(tmp_path):
         "--max_eval_samples", "32", "--per_device_train_batch_size", "8", "--logging_steps", "2",
         "--eval_strategy", "no", "--save_strategy", "no", "--torch_threads", "1",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])  # `scripts` and this checkout
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 

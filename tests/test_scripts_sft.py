@@ -2,17 +2,15 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import train_sft  # noqa: E402
-from _common import ConfigError  # noqa: E402
+from hf_sam_scripts.errors import ConfigError  # noqa: E402
+from scripts import train_sft  # noqa: E402
 
 SFT_CONFIG = str(REPO / "configs" / "sft_pydoc.yaml")
 # A 1-layer width-32 model on 64-token examples with a 300-token BPE vocabulary, a few steps.

