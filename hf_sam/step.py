@@ -69,6 +69,7 @@ class Selection:
         # indices of params in model.named_parameters() order (the order noise is drawn in; without a
         # model, the optimizer's order)
         self.named_order = list(range(len(params))) if named_order is None else list(named_order)
+        self.cache = {}  # what a variant derives once per run from the model (flat_lora: its LoRA layers)
 
     @property
     def selected_names(self) -> list[str]:
@@ -454,6 +455,11 @@ class StepContext:
     def move_to_w(self):
         """Put the selected weights back at w now (DeepSpeed: just before the engine's step)."""
         self._position(None)
+
+    def move_to(self, at):
+        """Put the selected weights at w + at now (at=None: at w, from the exact snapshot); for a side
+        measurement inside a pass (rsam's L(w) in the loss hook of its pass at w + delta)."""
+        self._position(at)
 
     def use_params(self, params=None):
         """Work on `params` from now on (aligned with selection.params; None: the optimizer's own).

@@ -17,7 +17,7 @@ BOOL_FIELDS = [f.name for f in dataclasses.fields(SAMConfig) if f.type in (bool,
 
 # ---- item 3: text booleans ---------------------------------------------------------------------------
 def test_every_boolean_setting_is_listed():
-    assert set(BOOL_FIELDS) == {"adaptive", "same_dropout", "sync_ascent", "lora_modules_to_save"}
+    assert set(BOOL_FIELDS) == {"adaptive", "same_dropout", "sync_ascent", "lora_modules_to_save", "gcsam_descent"}
 
 
 @pytest.mark.parametrize("text,value", [("false", False), ("False", False), ("FALSE", False), ("0", False),
@@ -27,6 +27,9 @@ def test_every_boolean_setting_is_listed():
 @pytest.mark.parametrize("name", BOOL_FIELDS)
 def test_text_booleans_are_converted(tmp_path, name, text, value):
     extra = {"perturb": "lora"} if name == "lora_modules_to_save" else {}
+    used_by = SAMConfig.__dataclass_fields__[name].metadata.get("used_by")
+    if used_by:  # a variant's own setting: with that variant
+        extra["variant"] = used_by[0]
     cfg = SAMConfig(**{name: text}, **extra)
     assert getattr(cfg, name) is value
     args = SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
@@ -139,13 +142,29 @@ class InOrderTrainer(__import__("transformers").Trainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-def _run(tmp_path, variant=None, steps=2, **sam):
+# what some variants need from the run (the stock run they are compared with gets the same)
+OPTIM = {"bsam": "sgd"}  # bSAM's update is its own: it needs plain SGD as the base optimizer
+LORA = {"flat_lora"}     # Flat-LoRA perturbs PEFT LoRA layers only
+
+
+def _model(variant=None, **kw):
+    model = tiny.MLP(**kw)
+    if variant in LORA:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "head"], lora_dropout=0.0))
+    return model
+
+
+def _run(tmp_path, variant=None, steps=2, like=None, **sam):
+    """A 2-step run of `variant` (None: the stock Trainer, set up as `like` needs: optimizer, LoRA)."""
     torch.manual_seed(0)
-    model = tiny.MLP(dropout=0.2, batchnorm=True)
-    kw = dict(max_steps=steps, optim="adamw_torch", learning_rate=0.01, logging_steps=1)
+    setup = like if variant is None else variant
+    model = _model(setup, dropout=0.2, batchnorm=True)
+    optim = OPTIM.get(setup, "adamw_torch")
+    kw = dict(max_steps=steps, optim=optim, learning_rate=0.01, logging_steps=1)
     if variant is None:  # the stock Trainer
         base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=0.01,
-                    optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                    optim=optim, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, dataloader_drop_last=True,
                     seed=0, disable_tqdm=True)
         tr = InOrderTrainer(model=model, args=TrainingArguments(**base), train_dataset=tiny.Blobs())
@@ -161,10 +180,11 @@ _STOCK = {}
 
 @pytest.mark.parametrize("variant", available())
 def test_rho_zero_is_the_stock_step_for_every_variant(tmp_path, variant):
-    """Weights after 2 AdamW steps (dropout + BatchNorm model) with rho = 0 equal the stock Trainer's, bit for bit."""
-    if "stock" not in _STOCK:  # one stock run serves every variant
-        _STOCK["stock"] = _run(tmp_path / "stock")[1]
-    stock = _STOCK["stock"]
+    """Weights after 2 steps (dropout + BatchNorm model) with rho = 0 equal the stock Trainer's, bit for bit."""
+    key = (OPTIM.get(variant), variant in LORA)
+    if key not in _STOCK:  # one stock run serves every variant set up alike
+        _STOCK[key] = _run(tmp_path / "stock", like=variant)[1]
+    stock = _STOCK[key]
     _, got = _run(tmp_path / "v", variant, rho=0.0)
     for name in stock:
         assert torch.equal(stock[name], got[name]), (variant, name, (stock[name] - got[name]).abs().max())
@@ -208,6 +228,9 @@ def test_rwp_rho_zero_differs_from_default_rwp(tmp_path):
 NO_PASS_AT_W = {  # variants whose step has no pass at w (documented in their modules; not fixed here)
     "msam": "one pass, at w - rho m/||m||: logs L(w + e) once the optimizer has momentum",
     "sampa": "passes at x~ and y_{t+1}, none at w: logs L(y_{t+1})",
+    "lookbehind": "inner steps' first pass is at the accumulated perturbed point phi + E: logs L(phi + E)",
+    "bsam": "passes at the noisy sample w + noise and at its perturbed mean: logs L(w + noise)",
+    "flat_lora": "one pass, at the noisy merged weights W + s BA + noise: logs that pass's loss",
 }
 
 
@@ -233,10 +256,10 @@ def test_the_reported_loss_is_the_clean_loss(tmp_path, variant):
     torch.manual_seed(0)
     # BatchNorm: rsam's extra clean forward must not disturb anything (ssam-F takes single-sample gradients,
     # which BatchNorm in train mode cannot: no BatchNorm there)
-    model = tiny.MLP(batchnorm=variant != "ssam")
+    model = _model(variant, batchnorm=variant != "ssam")
     ds = Indexed() if variant == "saf" else tiny.Blobs()
     tr = tiny.trainer(tmp_path, model=model, dataset=ds, cls=RecordingTrainer, sam_config=SAMConfig(variant=variant),
-                      max_steps=3, optim="adamw_torch", learning_rate=0.05, logging_steps=1)
+                      max_steps=3, optim=OPTIM.get(variant, "adamw_torch"), learning_rate=0.05, logging_steps=1)
     tr.recorded = []
     tr.train()
     assert len(tr.recorded) == 3
@@ -328,14 +351,12 @@ def test_the_sys_argv_fallback_is_redacted(monkeypatch):
 def test_a_hub_token_reaches_neither_the_card_nor_training_args_bin(tmp_path, monkeypatch):
     """The real script with --hub_token, pushed (checkpoints too) to a fake Hub API: the token is used for every
     upload, but no file written (README.md, training_args.bin, checkpoints) contains it."""
-    import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "tests"))
-    sys.path.insert(0, str(repo / "scripts"))
     import test_push_to_hub as hub_test
-    import train_vit
+    from scripts import train_vit
+
+    repo = Path(__file__).resolve().parents[1]
 
     import huggingface_hub.constants
     import transformers.trainer
@@ -348,7 +369,7 @@ def test_a_hub_token_reaches_neither_the_card_nor_training_args_bin(tmp_path, mo
     monkeypatch.setattr("sys.argv", ["scripts/train_vit.py", "--hub_token", FAKE_TOKEN])
 
     out = tmp_path / "run"
-    trainer, _ = train_vit.main([
+    trainer, _ = train_vit.run([
         "--config", str(repo / "configs" / "vit_digits.yaml"), "--output_dir", str(out),
         "--push_to_hub", "true", "--hub_model_id", "hf-sam-tester/tiny", "--hub_token", FAKE_TOKEN,
         "--max_steps", "2", "--max_train_samples", "32", "--max_eval_samples", "16", "--logging_steps", "1",

@@ -128,9 +128,9 @@ def ramp(ctx) -> float:
 
 
 def flat_lora(ctx):
-    layers = getattr(ctx.selection, "_hf_sam_lora_layers", None)
+    layers = ctx.selection.cache.get("flat_lora")
     if layers is None:
-        layers = ctx.selection._hf_sam_lora_layers = lora_layers(ctx.model)
+        layers = ctx.selection.cache["flat_lora"] = lora_layers(ctx.model)
     gamma = ramp(ctx) * float(ctx.config.rho)
     if gamma == 0:
         ctx.grad(final=True)                                   # gamma_0 = 0: the stock pass

@@ -62,12 +62,12 @@ def clean_loss_hook(ctx, at, store):
     """
     def hook(compute, model, inputs, num_items_in_batch):
         rng = ops.rng_state()
-        ctx._position(None)
+        ctx.move_to(None)
         try:
             with torch.no_grad():
                 clean, _ = compute(inputs)
         finally:
-            ctx._position(at)
+            ctx.move_to(at)
         bn = ops.snapshot(ctx.selection.batchnorms) if ctx.selection.batchnorms else None
         ops.set_rng_state(rng)
         loss, outputs = compute(inputs)
