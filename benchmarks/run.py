@@ -28,9 +28,6 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))  # this checkout's hf_sam, not an installed one
 
 STUDIES = ("label_noise", "lm", "mupp_transfer", "lora")
 

@@ -44,10 +44,10 @@ from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
 
 from . import ops
+from .losses import unwrap_model
 
 MEASURES = ("top_eigenvalue", "trace", "m_sharpness")
 logger = logging.getLogger(__name__)
@@ -59,13 +59,6 @@ _clock = time.perf_counter  # the budget's clock (tests put a fake one here)
 
 # -----------------------------------------------------------------------------
 # Plumbing: which parameters, the loss, devices, DDP
-
-
-def _unwrap_ddp(model):
-    """The module inside DistributedDataParallel / DataParallel (their hooks play no part here)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def _select(model, params):
@@ -413,7 +406,7 @@ def hessian_eigenvalues(model, batches, k=1, *, params=None, iters=100, tol=1e-4
     if int(k) < 1 or int(iters) < 1:
         raise ValueError(f"k={k} and iters={iters} must be at least 1.")
     max_seconds = _check_budget(max_seconds, progress)
-    model = _unwrap_ddp(model)
+    model = unwrap_model(model, peft=False)
     named = _select(model, params)
     ps = [p for _, p in named]
     n = sum(p.numel() for p in ps)
@@ -560,7 +553,7 @@ def hessian_eigenvalues_by_group(model, batches, groups=None, *, iters=50, tol=1
     left over the groups left. return_info=True also returns {label: hessian_eigenvalues' report}.
     """
     max_seconds = _check_budget(max_seconds, progress)
-    model = _unwrap_ddp(model)
+    model = unwrap_model(model, peft=False)
     if groups is None:
         groups = {}
         for name, p in model.named_parameters():
@@ -611,7 +604,7 @@ def hessian_trace(model, batches, *, samples=100, params=None, seed=0, method="h
     if samples < (3 if method == "hutchpp" else 2):
         raise ValueError(f"samples={samples}: need at least 2 (3 for hutchpp) to estimate a standard error.")
     max_seconds = _check_budget(max_seconds, progress)
-    model = _unwrap_ddp(model)
+    model = unwrap_model(model, peft=False)
     named = _select(model, params)
     ps = [p for _, p in named]
     gen = _gen(seed)
@@ -697,7 +690,7 @@ def m_sharpness(model, batches, rho, *, m=None, adaptive=False, eta=0.01, params
     if m is not None and int(m) < 1:
         raise ValueError(f"m={m}: must be a positive number of samples or None (the whole batch).")
     max_seconds = _check_budget(max_seconds, progress)
-    model = _unwrap_ddp(model)
+    model = unwrap_model(model, peft=False)
     named = _select(model, params)
     names, ps = [n for n, _ in named], [p for _, p in named]
     device = ps[0].device

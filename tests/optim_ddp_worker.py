@@ -10,7 +10,6 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 from ddp_worker import reference  # noqa: E402
 from hf_sam import SAM, SAMConfig  # noqa: E402

@@ -9,7 +9,6 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 from test_sharpness import make_batches, make_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402

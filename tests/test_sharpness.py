@@ -14,7 +14,6 @@ from torch import nn
 from torch.func import functional_call
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 
 from hf_sam import SAMTrainer  # noqa: E402
