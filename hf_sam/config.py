@@ -153,9 +153,9 @@ class SAMConfig:
                              check=_integer(1),
                              allowed="an integer >= 1", used_by=("looksam",))
     looksam_alpha: float | None = setting(None, "LookSAM: how the one-pass steps reuse the stored direction g_v. "
-                                          "None: at the size SAM measured at the refresh, g + (||g|| / ||g_refresh||) "
+                                          "None: at the size SAM measured at the refresh, g + (‖g‖ / ‖g_refresh‖) "
                                           "* g_v (trains transformers with AdamW). A number: the paper's rule "
-                                          "g + alpha * (||g|| / ||g_v||) * g_v (the paper's community value: 0.7).",
+                                          "g + alpha * (‖g‖ / ‖g_v‖) * g_v (community value 0.7).",
                                           check=_nonneg, allowed="a finite number >= 0, or None (reuse at the "
                                           "measured size)", used_by=("looksam",))
     esam_beta: float = setting(0.5, "ESAM: probability that a parameter tensor is perturbed (stochastic weight "
