@@ -298,8 +298,8 @@ def run_one(job):
                              save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=not cuda,
                              bf16=job["bf16"], dataloader_drop_last=True, optim="adamw_torch", seed=0,
                              torch_compile=job["compile"], ddp_backend="gloo" if job.get("ddp") else None,
-                             remove_unused_columns=variant not in ("saf", "mesa"))
-    if variant not in ("saf", "mesa") and job["model"] in ("vit", "mlp"):
+                             remove_unused_columns=variant != "saf")
+    if variant != "saf" and job["model"] in ("vit", "mlp"):  # SAF reads each sample's position, MESA does not
         data = [{k: v for k, v in d.items() if k != "sample_index"} for d in data]
     kwargs = dict(model=model, args=args, train_dataset=data, callbacks=[probe.callback])
     if job["variant"] == "stock":
@@ -417,9 +417,12 @@ def passes_of(config):
 def run_table(title, configs, base_job, repeats, log=print):
     """Interleaved rounds of `configs` (the first is the baseline); one row per configuration."""
     results = {c: [] for c in configs}
-    for _ in range(repeats):
+    for r in range(repeats):
         for c in configs:
             results[c].append(run_isolated({**base_job, "variant": c}))
+            got = results[c][-1]
+            log(f"  round {r + 1}/{repeats} {PEERS.get(c, c)}: "
+                + (f"{1000 * got['step_s']:.1f} ms/step" if "error" not in got else "error"), flush=True)
     base = results[configs[0]]
     readme = readme_memory()
     rows = []
