@@ -9,7 +9,7 @@ On optimizer steps with global_step % k == 0 (refresh), per micro-batch:
     e   = rho * g / (||g|| + eps);  g_s = grad L(w + e);  descend with g_s
     g_v = g_s - ||g_s|| cos(g, g_s) g / ||g||  =  g_s - (g . g_s) / ||g||^2 g   (stored)
 Every other step, one pass, with one of two rules (`looksam_alpha`):
-    looksam_alpha a number (the paper's rule, Algorithm 1):
+    looksam_alpha a number (the paper's rule):
         descend with g + alpha * (||g|| / ||g_v||) * g_v
     looksam_alpha None (default; reuse at the measured size):
         descend with g + (||g|| / ||g_refresh||) * g_v
