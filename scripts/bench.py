@@ -417,6 +417,8 @@ def passes_of(config):
 def run_table(title, configs, base_job, repeats, log=print):
     """Interleaved rounds of `configs` (the first is the baseline); one row per configuration."""
     results = {c: [] for c in configs}
+    if base_job.get("in_process"):  # the process's first-run costs (lazy inits, caches) must not land on a row
+        run_isolated({**base_job, "variant": configs[0]})
     for r in range(repeats):
         for c in configs:
             results[c].append(run_isolated({**base_job, "variant": c}))
