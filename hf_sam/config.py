@@ -154,8 +154,12 @@ class SAMConfig:
                              "steps between cost one pass.",
                              check=_integer(1),
                              allowed="an integer >= 1", used_by=("looksam",))
-    looksam_alpha: float = setting(0.7, "LookSAM: weight of the stored direction g_v on the one-pass steps.",
-                                   check=_nonneg, allowed="a finite number >= 0", used_by=("looksam",))
+    looksam_alpha: float | None = setting(None, "LookSAM: how the one-pass steps reuse the stored direction g_v. "
+                                          "None: at the size SAM measured at the refresh, g + (‖g‖ / ‖g_refresh‖) "
+                                          "* g_v (trains transformers with AdamW). A number: the paper's rule "
+                                          "g + alpha * (‖g‖ / ‖g_v‖) * g_v (community value 0.7).",
+                                          check=_nonneg, allowed="a finite number >= 0, or None (reuse at the "
+                                          "measured size)", used_by=("looksam",))
     esam_beta: float = setting(0.5, "ESAM: probability that a parameter tensor is perturbed (stochastic weight "
                                "perturbation, scaled by 1/beta). 1 perturbs every tensor.",
                                check=_above_zero_unit, allowed="a number in (0, 1]",

@@ -1,10 +1,18 @@
 """Benchmark: SAMTrainer (each variant) vs the stock Trainer and the SAM a user would write instead.
 
-Every configuration trains for the same number of steps on the same synthetic batches, each in a
-fresh child process; the configurations of a table run back to back in one round, and the rounds
-repeat. Time: the median optimizer-step time of a run; "x stock" is the median over rounds of the
+Every configuration trains for the same number of steps on the same batches (synthetic for the
+ViT and GPT-2; the studies' digits MLP, 64-256-256-10, on sklearn's digits), each in a fresh child
+process; the configurations of a table run back to back in one round, and the rounds repeat
+(default 3). Time: the mean optimizer-step time of a run after the warm-up steps (a mean, so that
+LookSAM's refresh every k-th step counts at its share); "x stock" is the median over rounds of the
 per-round ratio to the stock Trainer (min-max beside it), so slow phases of a shared machine hit
-both sides of a ratio.
+both sides of a ratio. Threads: every child uses the same intra-op thread count, chosen once per
+bench (`--threads`, default: the cores this process may use, less the machine's load, divided by
+the processes a run starts; one thread each when several run), and printed in the header.
+
+Configurations are variant names (each at its defaults) or one of the named settings in CONFIGS:
+`looksam_reuse` (LookSAM between refreshes: k so large that only the warm-up step refreshes) and
+`looksam_paper` (LookSAM with the paper's reuse rule, alpha 0.7).
 
 Memory: on the last step of each run (not timed), the peak bytes of live tensors during the step
 (training_step(s), clipping, optimizer step). On a CPU: the tensors alive when the step starts
@@ -25,6 +33,7 @@ so their rows say n/a with --ga above 1.
     python scripts/bench.py --models vit --variants all --steps 12   # each variant vs its passes
     python scripts/bench.py --models gpt2 --variants sam --ga 4      # also --compile, --lora, --ddp
     python scripts/bench.py --suite                  # every table of issue 11 (long on a CPU)
+    python scripts/bench.py --cheap                  # the cheap-SAM tables (ViT, digits MLP, anchor)
     python scripts/bench.py --device cuda --preset large --bf16 --peers --out bench.json
 
 A benchmark, not a test: numbers depend on the machine.
@@ -54,16 +63,43 @@ PRESETS = {
                     intermediate_size=128, num_labels=10, batch=32),
         "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=512, seq=128, batch=8),
         "anchor": _ANCHOR,  # GPT-2 4 layers x 256, GPT-2's vocabulary, sequence 128, batch 8
+        "mlp": dict(width=256, depth=2, batch=32),  # the label_noise / mupp_transfer studies' digits MLP
     },
     "large": {  # ViT-B/16 at 224 px and GPT-2 124M at sequence length 1024
         "vit": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, num_labels=1000, batch=64),
         "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257, seq=1024, batch=8),
         "anchor": _ANCHOR,
+        "mlp": dict(width=256, depth=2, batch=32),
     },
 }
 PEERS = {"pto": "pytorch_optimizer.SAM", "loop": "loop SAM"}
 RHO = 0.05
+# named configurations: (variant, SAMConfig settings)
+CONFIGS = {
+    "looksam_reuse": ("looksam", {"looksam_k": 10**9}),  # only the first (warm-up) step refreshes
+    "looksam_paper": ("looksam", {"looksam_alpha": 0.7}),
+}
+
+
+def variant_of(config):
+    """(variant, settings) of a bench configuration."""
+    return CONFIGS.get(config, (config, {}))
+
+
+def default_threads(processes=1):
+    """Intra-op threads per process: the cores this process may use, less the machine's load (what
+    other processes keep busy), shared among the processes a run starts; at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    free = max(1, min(cores, int(cores - load + 0.5)))
+    return max(1, free // max(1, processes))
 
 
 # ---- models and data ---------------------------------------------------------------------------
@@ -75,7 +111,17 @@ def build(model_name, spec, ga=1):
     batch = spec.pop("batch")
     g = torch.Generator().manual_seed(0)
     n = batch * ga * 4
-    if model_name == "vit":
+    if model_name == "mlp":
+        bench_dir = os.path.join(ROOT, "benchmarks")
+        if bench_dir not in sys.path:
+            sys.path.insert(0, bench_dir)
+        from studies.digits import MLP, load_digits_split
+
+        x, y = load_digits_split(0.0, 0)[:2]
+        model = MLP(**spec)
+        data = [{"x": torch.as_tensor(x[i]), "labels": torch.tensor(int(y[i])), "sample_index": i}
+                for i in range(len(y))]
+    elif model_name == "vit":
         model = ViTForImageClassification(ViTConfig(**spec))
         data = [{"pixel_values": torch.randn(3, spec["image_size"], spec["image_size"], generator=g),
                  "labels": torch.randint(0, spec["num_labels"], (), generator=g), "sample_index": i}
@@ -234,9 +280,11 @@ def run_one(job):
 
     from hf_sam import SAMConfig, SAMTrainer
 
+    torch.set_num_threads(job["threads"])
     if job["variant"] in PEERS and job["ga"] > 1:
         raise ValueError("not a SAM under gradient accumulation: first_step(zero_grad=True) on every micro-batch "
                          "drops the window's earlier gradients")
+    variant, settings = variant_of(job["variant"])
     torch.manual_seed(0)
     model, data, batch = build(job["model"], PRESETS[job["preset"]][job["model"]], job["ga"])
     if job["lora"]:
@@ -250,8 +298,8 @@ def run_one(job):
                              save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=not cuda,
                              bf16=job["bf16"], dataloader_drop_last=True, optim="adamw_torch", seed=0,
                              torch_compile=job["compile"], ddp_backend="gloo" if job.get("ddp") else None,
-                             remove_unused_columns=job["variant"] not in ("saf", "mesa"))
-    if job["variant"] not in ("saf", "mesa") and job["model"] == "vit":
+                             remove_unused_columns=variant != "saf")
+    if variant != "saf" and job["model"] in ("vit", "mlp"):  # SAF reads each sample's position, MESA does not
         data = [{k: v for k, v in d.items() if k != "sample_index"} for d in data]
     kwargs = dict(model=model, args=args, train_dataset=data, callbacks=[probe.callback])
     if job["variant"] == "stock":
@@ -261,16 +309,17 @@ def run_one(job):
         cls.peer = job["variant"]
         trainer = cls(**kwargs)
     else:
-        config = SAMConfig(variant=job["variant"], **({"perturb": "lora"} if job["lora"] else {}))
+        config = SAMConfig(variant=variant, **settings, **({"perturb": "lora"} if job["lora"] else {}))
         trainer = SAMTrainer(**kwargs, sam_config=config)
     trainer.train()
     times = probe.times[job["warmup"]:] or probe.times
     passes = getattr(trainer, "_sam_last_passes", None)
-    return {"step_s": statistics.median(times), "peak_bytes": probe.peak,
+    return {"step_s": statistics.fmean(times), "step_median_s": statistics.median(times), "peak_bytes": probe.peak,
             "param_bytes": sum(p.numel() * p.element_size() for p in trainable), "passes_last": passes}
 
 
 def _child(job, queue):
+    os.environ["OMP_NUM_THREADS"] = str(job["threads"])  # before torch is imported in this child
     sys.path.insert(0, HERE)
     sys.path.insert(0, ROOT)
     try:
@@ -283,10 +332,15 @@ def run_isolated(job):
     if job.get("ddp"):
         return run_ddp(job)
     if job.get("in_process"):
+        import torch
+
+        threads = torch.get_num_threads()
         try:
             return run_one(job)
         except Exception as err:
             return {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            torch.set_num_threads(threads)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(job, queue))
@@ -310,6 +364,7 @@ def run_ddp(job):
                "--master_port", str(_free_port()), os.path.abspath(__file__), "--ddp-worker", json.dumps(job),
                "--ddp-result", result]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        env["OMP_NUM_THREADS"] = str(job["threads"])
         if job["device"] == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -346,19 +401,30 @@ def readme_memory():
 
 
 def passes_of(config):
+    from hf_sam import SAMConfig
     from hf_sam.variants import get_variant
 
     if config == "stock":
         return 1
-    return 2 if config in PEERS else get_variant(config).passes
+    if config in PEERS:
+        return 2
+    variant, settings = variant_of(config)
+    if variant == "looksam":  # 2 on every k-th step, 1 otherwise
+        return 1 + 1 / SAMConfig(variant=variant, **settings).looksam_k
+    return get_variant(variant).passes
 
 
 def run_table(title, configs, base_job, repeats, log=print):
     """Interleaved rounds of `configs` (the first is the baseline); one row per configuration."""
     results = {c: [] for c in configs}
-    for _ in range(repeats):
+    if base_job.get("in_process"):  # the process's first-run costs (lazy inits, caches) must not land on a row
+        run_isolated({**base_job, "variant": configs[0]})
+    for r in range(repeats):
         for c in configs:
             results[c].append(run_isolated({**base_job, "variant": c}))
+            got = results[c][-1]
+            log(f"  round {r + 1}/{repeats} {PEERS.get(c, c)}: "
+                + (f"{1000 * got['step_s']:.1f} ms/step" if "error" not in got else "error"), flush=True)
     base = results[configs[0]]
     readme = readme_memory()
     rows = []
@@ -379,7 +445,7 @@ def run_table(title, configs, base_job, repeats, log=print):
         if peaks and base_peaks:
             row["peak_mib"] = statistics.median(peaks) / 2**20
             row["extra_copies"] = (statistics.median(peaks) - statistics.median(base_peaks)) / row["param_bytes"]
-        row["readme"] = "1 (snapshot)" if c in PEERS else readme.get(c, "")
+        row["readme"] = "1 (snapshot)" if c in PEERS else readme.get(variant_of(c)[0], "")
         rows.append(row)
     print_table(title, rows, log)
     return rows
@@ -394,7 +460,7 @@ def print_table(title, rows, log=print):
             log(f"{r['config']:22} n/a: {r['error'][:100]}")
             continue
         mem = f"{r['peak_mib']:9.1f} {r['extra_copies']:12.2f}" if "extra_copies" in r else f"{'n/a':>9} {'n/a':>12}"
-        passes = f"{r['passes']:g}"
+        passes = f"{r['passes']:.3g}"
         log(f"{r['config']:22} {passes:>6} {r['step_ms']:9.1f} {r['ratio']:7.2f} "
             f"{'(%.2f-%.2f)' % (r['ratio_min'], r['ratio_max']):>11} {mem}  {r['readme'][:60]}")
 
@@ -415,12 +481,25 @@ def suite_tables(a):
     ]
 
 
+def cheap_tables(a):
+    """The cheap-SAM tables (issue 16): one-pass variants, LookSAM and two-pass SAM vs the peers."""
+    one_pass = ["stock", "msam", "saf", "mesa", "looksam_reuse", "looksam", "sam", "pto", "loop"]
+    return [
+        ("tiny ViT: one-pass variants, LookSAM k=5, SAM vs peers", one_pass, dict(model="vit"), a.steps),
+        ("digits MLP 64-256-256-10: one-pass variants, LookSAM k=5, SAM vs peers", one_pass, dict(model="mlp"),
+         a.steps),
+        ("anchor GPT-2 4x256, seq 128, batch 8", ["stock", "sam", "pto", "loop"], dict(model="anchor"),
+         min(a.steps, 8)),
+    ]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: tiny on cpu, large on cuda")
-    p.add_argument("--models", default="vit,gpt2", help="comma list of vit, gpt2, anchor")
-    p.add_argument("--variants", default="sam,asam", help="comma list, or 'all' for every registered variant")
+    p.add_argument("--models", default="vit,gpt2", help="comma list of vit, gpt2, anchor, mlp")
+    p.add_argument("--variants", default="sam,asam", help="comma list of variants or named configurations ("
+                   + ", ".join(CONFIGS) + "), or 'all' for every registered variant")
     p.add_argument("--peers", action="store_true", help="add pytorch_optimizer.SAM and a loop-style SAM")
     p.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--compile", action="store_true", help="torch_compile=True (memory is not measured)")
@@ -428,9 +507,14 @@ def main(argv=None):
     p.add_argument("--ddp", type=int, default=0, help="run each configuration in this many processes (torchrun)")
     p.add_argument("--suite", action="store_true", help="every table of issue 11 (peers, anchor, GA, compile, "
                                                        "LoRA, DDP, all variants)")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--cheap", action="store_true", help="the cheap-SAM tables: tiny ViT and digits MLP (stock, "
+                   "msam, saf, mesa, looksam between refreshes, looksam k=5, sam and the peers), anchor GPT-2")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of every child process (default: "
+                   "the free cores, divided among the processes of a run; 1 each when several run)")
+    p.add_argument("--steps", type=int, default=13, help="optimizer steps per run (default 13: the warm-up 2, 10 timed "
+                   "- two of them LookSAM k=5 refreshes - and the memory step)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the ratio is their median)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--in-process", action="store_true",
@@ -441,22 +525,29 @@ def main(argv=None):
     if a.ddp_worker is not None:
         return ddp_worker(a.ddp_worker, a.ddp_result)
     preset = a.preset or ("large" if a.device == "cuda" else "tiny")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be an integer >= 1, got {a.threads}")
+    threads = a.threads or default_threads(max(1, a.ddp))
 
     from hf_sam.variants import available
 
     base = dict(preset=preset, device=a.device, steps=a.steps, warmup=a.warmup, bf16=a.bf16, ga=a.ga,
-                compile=a.compile, lora=a.lora, ddp=a.ddp,
+                compile=a.compile, lora=a.lora, ddp=a.ddp, threads=threads,
                 in_process=a.in_process)
     variants = available() if a.variants == "all" else a.variants.split(",")
     extra = ["pto", "loop"] if a.peers else []
-    print(f"hf_sam bench: preset={preset} device={a.device} bf16={a.bf16} steps={a.steps} (median after "
+    print(f"hf_sam bench: preset={preset} device={a.device} bf16={a.bf16} steps={a.steps} (mean after "
           f"{a.warmup} warm-up steps; the last step measures memory), {a.repeats} interleaved round(s), "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+          f"threads per process={threads}{' (--threads)' if a.threads else ''} (cores usable "
+          f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}, "
+          f"load {os.getloadavg()[0]:.1f})")
     rows = []
-    if a.suite:
-        for title, configs, over, steps in suite_tables(a):
+    if a.suite or a.cheap:
+        for title, configs, over, steps in (suite_tables(a) if a.suite else cheap_tables(a)):
             rows += run_table(title, configs, {**base, **over, "steps": steps}, a.repeats)
-        rows += run_table("tiny ViT: every variant (1 round)", ["stock", *available()], {**base, "model": "vit"}, 1)
+        if a.suite:
+            rows += run_table("tiny ViT: every variant (1 round)", ["stock", *available()], {**base, "model": "vit"},
+                              1)
     else:
         for model in a.models.split(","):
             title = f"{model} ({preset})" + (f", GA {a.ga}" if a.ga > 1 else "") + (", compiled" if a.compile else "") \
@@ -464,7 +555,8 @@ def main(argv=None):
             rows += run_table(title, ["stock", *variants, *extra], {**base, "model": model}, a.repeats)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"preset": preset, "device": a.device, "bf16": a.bf16, "rows": rows}, f, indent=1)
+            json.dump({"preset": preset, "device": a.device, "bf16": a.bf16, "threads": threads, "rows": rows}, f,
+                      indent=1)
     return rows
 
 

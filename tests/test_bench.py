@@ -84,3 +84,31 @@ def test_bench_rows_and_sam_extra_memory_is_one_copy(capsys):
     for config in ("sam", "pto", "loop"):  # each holds one copy of the weights during the second pass
         extra = (peak[config] - peak["stock"]) / param_bytes
         assert abs(extra - 1.0) < 0.05, (config, extra)
+
+
+def test_digits_mlp_model_and_named_configurations():
+    """The studies' MLP trains on real digits batches; named configurations are valid SAM settings."""
+    from hf_sam import SAMConfig
+
+    model, data, batch = bench.build("mlp", bench.PRESETS["tiny"]["mlp"])
+    assert batch == 32 and len(data) == 1257  # the studies' 70% training split
+    x = torch.stack([d["x"] for d in data[:batch]])
+    y = torch.stack([d["labels"] for d in data[:batch]])
+    out = model(x=x, labels=y)
+    assert out["logits"].shape == (batch, 10) and torch.isfinite(out["loss"])
+    assert sum(p.numel() for p in model.parameters()) == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    for name, (variant, settings) in bench.CONFIGS.items():
+        SAMConfig(variant=variant, **settings)
+    assert bench.passes_of("looksam") == 1.2  # 2 every 5th step
+    assert bench.passes_of("looksam_reuse") < 1 + 1e-6 and bench.passes_of("msam") == 1
+    assert bench.passes_of("pto") == 2 and bench.passes_of("stock") == 1
+
+
+def test_thread_choice(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert bench.default_threads() == 4 and bench.default_threads(2) == 2 and bench.default_threads(8) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))  # about three cores busy elsewhere
+    assert bench.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert bench.default_threads() == 1
