@@ -17,7 +17,7 @@ Configurations are variant names (each at its defaults) or one of the named sett
 Memory: on the last step of each run (not timed), the peak bytes of live tensors during the step
 (training_step(s), clipping, optimizer step). On a CPU: the tensors alive when the step starts
 (weights, optimizer and variant state, found by the garbage collector) + the peak of the tensors the
-step allocates and holds at the same time (a dispatch-level tracker, scripts/_memtrack.py); on a GPU:
+step allocates and holds at the same time (a dispatch-level tracker, hf_sam_scripts/memtrack.py); on a GPU:
 the allocator's peak. "extra copies" is that peak minus the stock Trainer's, in copies of the
 trainable parameters (with LoRA: of the adapters) - plain SAM needs 1; persistent state (an EMA, an
 SWA average) counts too.
@@ -43,7 +43,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -53,8 +52,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)  # _memtrack
 
 _ANCHOR = dict(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=50257, seq=128, batch=8)
 PRESETS = {
@@ -88,21 +85,26 @@ def variant_of(config):
 
 
 def default_threads(processes=1):
-    """Intra-op threads per process: the cores this process may use, less the machine's load (what
-    other processes keep busy), shared among the processes a run starts; at least 1."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    free = max(1, min(cores, int(cores - load + 0.5)))
-    return max(1, free // max(1, processes))
+    """Intra-op threads per child process: the scripts' choice (hf_sam_scripts.threads): OMP_NUM_THREADS
+    when set, else the cores this process may use less the machine's load, shared among the processes
+    a run starts; at least 1."""
+    from hf_sam_scripts.threads import choose_threads
+
+    return choose_threads(processes=processes)
 
 
 # ---- models and data ---------------------------------------------------------------------------
+def _study_module(name):
+    """benchmarks/studies/<name>.py of this checkout, loaded by its path (it imports only packages)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "benchmarks", "studies", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"hf_sam_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(model_name, spec, ga=1):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
@@ -112,10 +114,8 @@ def build(model_name, spec, ga=1):
     g = torch.Generator().manual_seed(0)
     n = batch * ga * 4
     if model_name == "mlp":
-        bench_dir = os.path.join(ROOT, "benchmarks")
-        if bench_dir not in sys.path:
-            sys.path.insert(0, bench_dir)
-        from studies.digits import MLP, load_digits_split
+        digits = _study_module("digits")
+        MLP, load_digits_split = digits.MLP, digits.load_digits_split
 
         x, y = load_digits_split(0.0, 0)[:2]
         model = MLP(**spec)
@@ -252,7 +252,7 @@ class StepProbe:
                 self._base = 0
                 torch.cuda.reset_peak_memory_stats()
             else:
-                from _memtrack import LiveBytes, reachable_tensor_bytes
+                from hf_sam_scripts.memtrack import LiveBytes, reachable_tensor_bytes
 
                 self._base = reachable_tensor_bytes("cpu")
                 self._mode = LiveBytes()
@@ -296,7 +296,8 @@ def run_one(job):
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=job["steps"],
                              gradient_accumulation_steps=job["ga"], learning_rate=1e-4, report_to=[],
                              save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=not cuda,
-                             bf16=job["bf16"], dataloader_drop_last=True, optim="adamw_torch", seed=0,
+                             bf16=job["bf16"], dataloader_drop_last=True, seed=0,
+                             optim="sgd" if variant == "bsam" else "adamw_torch",  # bSAM's update is its own
                              torch_compile=job["compile"], ddp_backend="gloo" if job.get("ddp") else None,
                              remove_unused_columns=variant != "saf")
     if variant != "saf" and job["model"] in ("vit", "mlp"):  # SAF reads each sample's position, MESA does not
@@ -309,7 +310,8 @@ def run_one(job):
         cls.peer = job["variant"]
         trainer = cls(**kwargs)
     else:
-        config = SAMConfig(variant=variant, **settings, **({"perturb": "lora"} if job["lora"] else {}))
+        lora = job["lora"] and variant != "flat_lora"  # Flat-LoRA perturbs the LoRA layers by construction
+        config = SAMConfig(variant=variant, **settings, **({"perturb": "lora"} if lora else {}))
         trainer = SAMTrainer(**kwargs, sam_config=config)
     trainer.train()
     times = probe.times[job["warmup"]:] or probe.times
@@ -320,8 +322,6 @@ def run_one(job):
 
 def _child(job, queue):
     os.environ["OMP_NUM_THREADS"] = str(job["threads"])  # before torch is imported in this child
-    sys.path.insert(0, HERE)
-    sys.path.insert(0, ROOT)
     try:
         queue.put(run_one(job))
     except Exception as err:  # report, don't crash the table
@@ -375,7 +375,6 @@ def run_ddp(job):
 
 
 def ddp_worker(job_json, result_path):
-    sys.path.insert(0, HERE)
     job = json.loads(job_json)
     try:
         out = run_one(job)
@@ -387,17 +386,17 @@ def ddp_worker(job_json, result_path):
 
 
 # ---- tables --------------------------------------------------------------------------------------
-def readme_memory():
-    """variant -> the README's "extra memory" cell (empty when the README is not there)."""
-    path = os.path.join(ROOT, "README.md")
-    out = {}
-    if os.path.exists(path):
-        for line in open(path, encoding="utf-8"):
-            m = re.match(r"\| `(\w+)` \|", line)
-            if m:  # the last cell; "\|" inside a cell is an escaped pipe
-                cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
-                out.setdefault(m.group(1), cells[-1].strip().replace("\\|", "|"))  # the variants table comes first
-    return out
+def documented_memory(config) -> str:
+    """The documented extra memory of a configuration: the variant's registry facts (the README's
+    variants table is generated from them); a peer keeps one snapshot of w."""
+    from hf_sam.variants import get_variant
+
+    if config in PEERS:
+        return "1 (snapshot)"
+    if config == "stock":
+        return ""
+    facts = get_variant(variant_of(config)[0]).facts
+    return facts.memory if facts else ""
 
 
 def passes_of(config):
@@ -426,7 +425,6 @@ def run_table(title, configs, base_job, repeats, log=print):
             log(f"  round {r + 1}/{repeats} {PEERS.get(c, c)}: "
                 + (f"{1000 * got['step_s']:.1f} ms/step" if "error" not in got else "error"), flush=True)
     base = results[configs[0]]
-    readme = readme_memory()
     rows = []
     for c in configs:
         row = dict(table=title, config=PEERS.get(c, c), variant=c, passes=passes_of(c))
@@ -445,7 +443,7 @@ def run_table(title, configs, base_job, repeats, log=print):
         if peaks and base_peaks:
             row["peak_mib"] = statistics.median(peaks) / 2**20
             row["extra_copies"] = (statistics.median(peaks) - statistics.median(base_peaks)) / row["param_bytes"]
-        row["readme"] = "1 (snapshot)" if c in PEERS else readme.get(variant_of(c)[0], "")
+        row["readme"] = documented_memory(c)
         rows.append(row)
     print_table(title, rows, log)
     return rows
@@ -561,5 +559,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     main()
