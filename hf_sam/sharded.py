@@ -41,7 +41,7 @@ context. A strategy changes the step only through the context's public operation
 import dataclasses
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -50,9 +50,17 @@ from .step import REPLICATED, Replicated, unique_trainable
 
 logger = logging.getLogger(__name__)
 
-# Variants tested under FSDP2 and DeepSpeed ZeRO-1/2, both ascent modes, against their single-process
-# references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
-SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# Variants tested under DeepSpeed ZeRO-1/2 and FSDP2, both ascent modes (rsam: global only), against their
+# single-process references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam", "rsam")
+DEEPSPEED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# FSDP2 also runs these: their per-tensor reductions (RWP's filter norms) run inside the noise draw, which
+# sees full tensors (common.random_perturbation -> ops.draw_like), not in the step on the shards.
+FULL_DRAW_VARIANTS = ("rwp",)
+FSDP2_VARIANTS = SHARDED_VARIANTS + FULL_DRAW_VARIANTS
+# FSDP2 per-device ascent holds the unsharded parameters only after a pass at w; these move w first.
+FSDP2_GLOBAL_ONLY = {"rsam": "its first pass is at w + noise (the per-device ascent under FSDP2 holds each "
+                             "device's unsharded parameters only after a pass at w)"}
 
 
 def _env_true(name):
@@ -127,26 +135,50 @@ def configure(trainer, config, previous=None):
     """
     k = kind(trainer)
     if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
-        if config.variant not in SHARDED_VARIANTS:
+        if config.variant not in DEEPSPEED_VARIANTS:
             raise ValueError(
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
-                f"{', '.join(SHARDED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
+                f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
         return DeepSpeed(), config
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         return REPLICATED, config
-    auto = config.sync_ascent is None
-    if auto:
-        config = dataclasses.replace(config, sync_ascent=True)
-    if config.variant not in SHARDED_VARIANTS:
-        raise ValueError(
-            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(SHARDED_VARIANTS)} are "
-            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
-    if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
+    strategy, config = _fsdp2(config)
+    if strategy.sync_ascent_auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
             "sharded memory; each pass all-gathers and reduce-scatters, +1 scalar all-reduce per micro-batch). Set "
             "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
+    return strategy, config
+
+
+def _fsdp2(config, where="FSDP"):
+    """(FSDP2 strategy, config with sync_ascent resolved: None -> True), or ValueError for a variant it cannot run."""
+    auto = config.sync_ascent is None
+    if auto:
+        config = dataclasses.replace(config, sync_ascent=True)
+    if config.variant not in FSDP2_VARIANTS:
+        raise ValueError(
+            f"variant {config.variant!r} is not supported under {where} yet (only {', '.join(FSDP2_VARIANTS)} are "
+            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
+    if config.sync_ascent is False and config.variant in FSDP2_GLOBAL_ONLY:
+        raise ValueError(f"variant {config.variant!r} runs under {where} with global ascent only "
+                         f"(sync_ascent=True): {FSDP2_GLOBAL_ONLY[config.variant]}.")
     return FSDP2(sync_ascent_auto=auto), config
+
+
+def for_closure(params, model, config):
+    """(strategy, config) for hf_sam.SAM: FSDP2 when a parameter is a DTensor or `model` holds a
+    fully_shard module (global ascent unless sync_ascent=False, which needs model=), else Replicated."""
+    fsdp = model is not None and bool(_fsdp_modules(model))
+    if not fsdp and not any(ops.is_sharded(p) for p in params):
+        return REPLICATED, config
+    strategy, config = _fsdp2(config, where="FSDP2 in hf_sam.SAM")
+    if config.sync_ascent is False and not fsdp:
+        raise ValueError("hf_sam.SAM(config=SAMConfig(sync_ascent=False)) on FSDP2-sharded parameters: the "
+                         "per-device ascent works on each device's unsharded parameters, which it reaches through "
+                         "the model: pass model=<the fully_shard root module> (or set sync_ascent=True, global "
+                         "ascent, which needs no model).")
+    return strategy, config
 
 
 def setup(trainer, config, previous=None):
@@ -163,6 +195,8 @@ class FSDP2(Replicated):
         self.sync_ascent_auto = sync_ascent_auto
 
     def pass_context(self, ctx, sync, final):
+        if ctx.model is None:  # hf_sam.SAM without model= (global ascent only): FSDP reduces every backward
+            return nullcontext()
         return _fsdp_pass(ctx, sync, final)
 
     def descend(self, ctx, d) -> bool:

@@ -80,6 +80,11 @@ def full(p):
     return (p.full_tensor() if isinstance(p, DTensor) else p).detach()
 
 
+class SimpleModel:  # what `deviation` reads: .model
+    def __init__(self, m):
+        self.model = m
+
+
 def deviation(tr, ref):
     return max((full(p) - q).abs().max().item() for p, q in zip(tr.model.parameters(), ref.parameters()))
 
@@ -115,10 +120,36 @@ def at(m, e, fn):
                 p.copy_(x)
 
 
-def direction(variant, m, ids, cfg, state, step):
-    """The descent gradient of one micro-batch (one rank's in per-device mode, the union in global mode)."""
+def gaussian(m, seed, step, micro, rank):
+    """The documented noise scheme (hf_sam.variants.common): a generator seeded with
+    noise_seed(seed, step, micro, rank), one N(0, 1) draw per parameter in named_parameters() order."""
+    from hf_sam.variants.common import noise_seed
+
+    gen = torch.Generator().manual_seed(noise_seed(seed, step, micro, rank))
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float32) for p in m.parameters()]
+
+
+def direction(variant, m, ids, cfg, state, step, micro=0, rank=0, seed=0):
+    """The descent gradient of one micro-batch (one rank's in per-device mode, the union in global mode).
+    micro, rank, seed: what the noise of rsam / rwp is drawn with (rank 0 in global mode: one weight vector)."""
     rho, eps = cfg["sam_rho"], 1e-12
+    if variant == "rsam":  # R-SAM: the ascent gradient at w + delta, delta ~ N(0, sigma^2)
+        delta = [cfg["sam_rsam_sigma"] * z for z in gaussian(m, seed, step, micro, rank)]
+        gt = at(m, delta, lambda: grads(m, ids))
+        e = [x + rho * y / (norm(gt) + eps) for x, y in zip(delta, gt)]
+        return at(m, e, lambda: grads(m, ids))
     g = grads(m, ids)
+    if variant == "rwp":  # RWP: (1 - alpha) g(w) + alpha g(w + xi), xi filter-wise N(0, (gamma ||w_row||)^2)
+        alpha, gamma = cfg["sam_rwp_alpha"], cfg["sam_rwp_gamma"]
+        xi = []
+        for z, p in zip(gaussian(m, seed, step, micro, rank), m.parameters()):
+            w = p.detach()
+            if w.dim() > 1:
+                xi.append(z * gamma * w.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (w.dim() - 1)))
+            else:
+                xi.append(z * gamma * (w.norm() + 1e-16))
+        gn = at(m, xi, lambda: grads(m, ids))
+        return [(1 - alpha) * x + alpha * y for x, y in zip(g, gn)]
     if variant == "sam":
         return at(m, [rho * x / (norm(g) + eps) for x in g], lambda: grads(m, ids))
     if variant == "asam":
@@ -151,7 +182,7 @@ def direction(variant, m, ids, cfg, state, step):
     raise ValueError(variant)
 
 
-def reference(init, seen, ga, mode, variant, cfg):
+def reference(init, seen, ga, mode, variant, cfg, seed=0):
     """SGD on the Trainer's windows; global: SAM on the union of the ranks' i-th micro-batches."""
     m = copy.deepcopy(init)
     states = [{} for _ in seen]  # a variant's state is per device (one in global mode)
@@ -161,8 +192,8 @@ def reference(init, seen, ga, mode, variant, cfg):
         for i in range(s * ga, (s + 1) * ga):
             chunks = [[torch.tensor(r[i]) for r in seen]]
             chunks = [torch.cat(chunks[0])] if mode == "global" else chunks[0]
-            for c, state in zip(chunks, states):
-                d = direction(variant, m, c, cfg, state, s)
+            for rank, (c, state) in enumerate(zip(chunks, states)):
+                d = direction(variant, m, c, cfg, state, s, micro=i - s * ga, rank=rank, seed=seed)
                 total = [t + x / (ga * len(chunks)) for t, x in zip(total, d)]
         with torch.no_grad():
             for p, t in zip(m.parameters(), total):
@@ -177,7 +208,49 @@ VARIANT_CFG = {
     "gsam": {"sam_variant": "gsam", "sam_gsam_alpha": 0.4},
     "looksam": {"sam_variant": "looksam", "sam_looksam_k": 2, "sam_looksam_alpha": 0.7},
     "fsam": {"sam_variant": "fsam", "sam_fsam_sigma": 1.0, "sam_fsam_lambda": 0.9},
+    "rsam": {"sam_variant": "rsam", "sam_rsam_sigma": 0.05},
+    "rwp": {"sam_variant": "rwp", "sam_rwp_alpha": 0.5, "sam_rwp_gamma": 0.05},
 }
+
+
+def closure_run(out, variant, mode, ga, with_model=True, steps=3):
+    """hf_sam.SAM around SGD on a GPT-2 sharded with fully_shard (blocks, then the root) before the
+    optimizer is built; rank r trains on its own micro-batches. Returns (init, model, seen, warnings)."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_sam
+
+    init = model()
+    m = copy.deepcopy(init)
+    for block in m.transformer.h:
+        fully_shard(block)
+    fully_shard(m)
+    cfg = {"sam_rho": 0.5, **VARIANT_CFG[variant]}
+    sam = {k[len("sam_"):]: v for k, v in cfg.items()}
+    if mode == "local":
+        sam["sync_ascent"] = False
+    rows, world, rank = Ids(steps * ga * 2 * PER).rows, dist.get_world_size(), dist.get_rank()
+    seen = [[rows[(i * world + r) * PER:(i * world + r + 1) * PER].tolist() for i in range(steps * ga)]
+            for r in range(world)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = hf_sam.SAM(m.named_parameters(), torch.optim.SGD, config=hf_sam.SAMConfig(**sam),
+                         model=m if with_model else None, lr=LR)
+        for s in range(steps):
+            for i in range(ga):
+                ids = torch.tensor(seen[rank][s * ga + i])
+
+                def closure():
+                    value = loss(m, ids) / ga
+                    value.backward()
+                    return value
+
+                opt.accumulate(closure) if i < ga - 1 else opt.step(closure)
+            opt.zero_grad()
+        metrics = opt.metrics()
+    return init, m, seen, [str(w.message) for w in caught], metrics
 
 
 def check(name, out):
@@ -226,6 +299,23 @@ def check(name, out):
             res["refused"] = None
         except ValueError as err:
             res["refused"] = str(err)
+        return res
+    if name.startswith("closure_"):  # hf_sam.SAM on fully_shard modules, e.g. closure_sam_global_2[_nomodel]
+        if name == "closure_refuse_local_nomodel":
+            try:
+                closure_run(os.path.join(out, name), "sam", "local", 1, with_model=False, steps=1)
+                return {"refused": None}
+            except ValueError as err:
+                return {"refused": str(err)}
+        parts = name.split("_")
+        variant, mode, ga = parts[1], parts[2], int(parts[3])
+        init, m, seen, caught, metrics = closure_run(out, variant, mode, ga, with_model=not name.endswith("nomodel"))
+        res["warnings"] = caught
+        res["metrics"] = metrics
+        res["sharded"] = all(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in m.parameters())
+        cfg = {"sam_rho": 0.5, **VARIANT_CFG[variant]}
+        for ref_mode in ("global", "local"):
+            res[f"dev_vs_{ref_mode}"] = deviation(SimpleModel(m), reference(init, seen, ga, ref_mode, variant, cfg))
         return res
     variant, mode, ga = name.split("_")  # e.g. sam_global_2
     ga = int(ga)

@@ -17,7 +17,10 @@ from hf_sam.cards import _ascent
 # one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
 CHECKS = ["cpu_asked_fsdp", "ops", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
           "asam_local_1", "gsam_global_1", "gsam_local_1", "looksam_global_1", "looksam_local_1", "fsam_global_1",
-          "fsam_local_1", "resume", "restored"]
+          "fsam_local_1", "resume", "restored",
+          # hf_sam.SAM (the closure optimizer) on a model sharded with fully_shard before the optimizer
+          "closure_sam_global_1_nomodel", "closure_sam_global_2", "closure_sam_local_2", "closure_rsam_global_1",
+          "closure_rwp_global_1", "closure_rwp_local_1", "closure_refuse_local_nomodel"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,32 @@ def test_resume_equals_uninterrupted_run(results):
     assert {"sam_state_rank0.pt", "sam_state_rank1.pt", "pytorch_model_fsdp_0"} <= set(r["ckpt_files"])
 
 
+def test_closure_optimizer_on_fully_shard_modules_both_modes(results):
+    """hf_sam.SAM: global ascent by default (model= or not), sync_ascent=False per device; exact."""
+    for name, mode, other in [("closure_sam_global_1_nomodel", "global", "local"),
+                              ("closure_sam_global_2", "global", "local"), ("closure_sam_local_2", "local", "global")]:
+        r = results[name]
+        assert r["sharded"], (name, r)
+        assert r[f"dev_vs_{mode}"] <= 1e-6, (name, r)
+        assert r[f"dev_vs_{other}"] > 1e-3, (name, r)  # sync_ascent is honoured, not ignored
+        assert not any("DDP" in w for w in r["warnings"]), (name, r["warnings"])  # no DDP advice on FSDP
+        assert r["metrics"]["sam/perturbation_norm"] == pytest.approx(0.5)
+
+
+def test_noise_variants_on_dtensor_shards(results):
+    """rsam, rwp: the noise drawn in full and cut to the shard equals one process's draw."""
+    for name, mode, other in [("closure_rsam_global_1", "global", "local"), ("closure_rwp_global_1", "global", "local"),
+                              ("closure_rwp_local_1", "local", "global")]:
+        r = results[name]
+        assert r[f"dev_vs_{mode}"] <= 1e-6, (name, r)
+        assert r[f"dev_vs_{other}"] > 1e-3, (name, r)
+
+
+def test_closure_per_device_without_model_is_refused(results):
+    msg = results["closure_refuse_local_nomodel"]["refused"]
+    assert msg and "sync_ascent=False" in msg and "model=" in msg
+
+
 # ---- set-up checks without processes ---------------------------------------------------------------
 def _fake(kind=None, version=2, variant="sam", sync=None, fsdp=False, deepspeed=None, processes=2):
     plugin = SimpleNamespace(fsdp_version=version) if kind == "fsdp" else None
@@ -119,6 +148,8 @@ def test_refusals_name_the_fix(monkeypatch):
         sharded.setup(*_setup_args("deepspeed", deepspeed={**zero2, "fp16": {"enabled": True}}))
     with pytest.raises(ValueError, match="'msam' is not supported under DeepSpeed"):
         sharded.setup(*_setup_args("deepspeed", variant="msam", deepspeed=zero2))
+    with pytest.raises(ValueError, match="'rsam' runs under FSDP with global ascent only"):
+        sharded.setup(*_setup_args("fsdp", variant="rsam", fsdp=True, sync=False))
     with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
         sharded.setup(*_setup_args("fsdp", variant="esam", fsdp=True))
     with pytest.raises(ValueError, match="DeepSpeed was requested"):
