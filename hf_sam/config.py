@@ -107,7 +107,9 @@ class SAMConfig:
     same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
     sync_ascent: bool | None = setting(None, "True: global ascent (the ascent gradient is the mean over all "
                                        "processes). False: per-device ascent without communication, as in the SAM "
-                                       "paper. None (auto): per-device under DDP, global under FSDP (memory).")
+                                       "paper. None (auto): per-device under DDP, global under FSDP (memory). "
+                                       "'node' (HSDP only): the mean over the shard group (one node).",
+                                       check=lambda x: isinstance(x, bool) or x == "node", allowed="True, False, None or 'node'")
     # --- which parameters are perturbed ---------------------------------------------------
     perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
                            "adapter factors only, or normalisation-layer parameters only (SAM-ON).",

@@ -140,6 +140,8 @@ def configure(trainer, config, previous=None):
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
                 f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
         return DeepSpeed(), config
+    if config.sync_ascent == NODE and k != "fsdp2":
+        _refuse_node(f"this run is {'DeepSpeed' if k == 'deepspeed' else 'not sharded with FSDP2'}")
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         return REPLICATED, config
     strategy, config = _fsdp2(config)
@@ -151,6 +153,15 @@ def configure(trainer, config, previous=None):
     return strategy, config
 
 
+NODE = "node"  # sync_ascent: the ascent within HSDP's shard group (m = the node's batch)
+NODE_REFUSED = {"rsam": "its noise is drawn per device", "rwp": "its noise is drawn per device"}
+
+
+def _refuse_node(why):
+    raise ValueError(f"sync_ascent='node' (the ascent within the shard group) needs HSDP: FSDP2 on a 2-D "
+                     f"(replicate, shard) device mesh; {why}. Use sync_ascent=True (global) or False (per device).")
+
+
 def _fsdp2(config, where="FSDP"):
     """(FSDP2 strategy, config with sync_ascent resolved: None -> True), or ValueError for a variant it cannot run."""
     auto = config.sync_ascent is None
@@ -160,6 +171,9 @@ def _fsdp2(config, where="FSDP"):
         raise ValueError(
             f"variant {config.variant!r} is not supported under {where} yet (only {', '.join(FSDP2_VARIANTS)} are "
             f"tested on sharded parameters). Use DDP for {config.variant!r}.")
+    if config.sync_ascent == NODE and config.variant in NODE_REFUSED:
+        raise ValueError(f"variant {config.variant!r} cannot use sync_ascent='node': "
+                         f"{NODE_REFUSED[config.variant]} (untested per node). Use sync_ascent=True.")
     if config.sync_ascent is False and config.variant in FSDP2_GLOBAL_ONLY:
         raise ValueError(f"variant {config.variant!r} runs under {where} with global ascent only "
                          f"(sync_ascent=True): {FSDP2_GLOBAL_ONLY[config.variant]}.")
@@ -173,8 +187,8 @@ def for_closure(params, model, config):
     if not fsdp and not any(ops.is_sharded(p) for p in params):
         return REPLICATED, config
     strategy, config = _fsdp2(config, where="FSDP2 in hf_sam.SAM")
-    if config.sync_ascent is False and not fsdp:
-        raise ValueError("hf_sam.SAM(config=SAMConfig(sync_ascent=False)) on FSDP2-sharded parameters: the "
+    if config.sync_ascent in (False, NODE) and not fsdp:
+        raise ValueError(f"hf_sam.SAM(config=SAMConfig(sync_ascent={config.sync_ascent!r})) on FSDP2-sharded parameters: the "
                          "per-device ascent works on each device's unsharded parameters, which it reaches through "
                          "the model: pass model=<the fully_shard root module> (or set sync_ascent=True, global "
                          "ascent, which needs no model).")
@@ -269,6 +283,32 @@ class _StepState:
             raise RuntimeError("FSDP2 is enabled but the model has no fully_shard module")
         self.root = self.modules[0]
         self.held = None  # FSDPParam list aligned with ctx.selection.params while unsharded is held
+        self.node_group = None  # sync_ascent="node": HSDP's shard group
+
+
+def _node_group(params):
+    """HSDP's shard group (the mesh dim the parameters are sharded on), for sync_ascent='node'."""
+    for p in params:
+        if ops.is_sharded(p):
+            if p.device_mesh.ndim < 2:
+                _refuse_node(f"the parameters are sharded on a {p.device_mesh.ndim}-D mesh, where the shard "
+                             "group is every process (the global ascent)")
+            dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+            return p.device_mesh.get_group(dims[0])
+    _refuse_node("no parameter is sharded")
+
+
+def _group_mean_(tensors, group):
+    """Each tensor becomes its mean over `group`, in place (one flat all-reduce, the tensors' dtype)."""
+    import torch.distributed as dist
+
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    for t, x in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(x.view_as(t))
 
 
 _STEP = "fsdp2"  # ctx.scratch entry: the _StepState of this micro-batch
@@ -293,7 +333,10 @@ def _fsdp_pass(ctx, sync, final):
                           [(g, g.post_forward_mesh_info) for g in m._get_fsdp_state()._fsdp_param_groups])
                          for m in st.modules]
         root.set_reshard_after_forward(False)
-    reduce = sync or final
+    node = sync == NODE
+    if node and st.node_group is None:
+        st.node_group = _node_group(ctx.selection.params)
+    reduce = final or (bool(sync) and not node)
     root.set_requires_gradient_sync(reduce)
     if not reduce:
         root.set_reshard_after_backward(False)
@@ -309,6 +352,8 @@ def _fsdp_pass(ctx, sync, final):
                     group.post_forward_mesh_info = info
     if not reduce:
         _hold_unsharded(ctx, st)
+        if node:  # the node's mean gradient: one flat all-reduce inside the shard group (no inter-node traffic)
+            _group_mean_([p.grad for p in ctx.params if p.grad is not None], st.node_group)
     elif st.held is not None and final:
         _drop_unsharded(ctx, st)
 
@@ -451,7 +496,9 @@ def _fsdp_descend_with(ctx, d):
     with torch.no_grad():
         for p, x in zip(ctx.selection.params, d):  # every process reduces every parameter (collectives)
             full = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device) if x is None else x.detach()
-            mean = DTensor.from_local(full, p.device_mesh, [Partial()], shape=p.shape, stride=p.stride(),
+            # a partial sum over every mesh dim (HSDP: replicas and shards), reduced to p's placements
+            mean = DTensor.from_local(full, p.device_mesh, [Partial()] * p.device_mesh.ndim, shape=p.shape,
+                                      stride=p.stride(),
                                       run_check=False).redistribute(p.device_mesh, p.placements)
             mean.to_local().div_(world)
             if p.grad is None:
