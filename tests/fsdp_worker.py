@@ -60,7 +60,7 @@ def model():
                      attn_pdrop=0.0)
 
 
-def train(out, steps, ga, resume=None, save_steps=None, **sam):
+def train(out, steps, ga, resume=None, save_steps=None, cls=None, **sam):
     init = model()
     kw = dict(gradient_accumulation_steps=ga, max_steps=steps, per_device_train_batch_size=PER, learning_rate=LR,
               fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
@@ -68,7 +68,7 @@ def train(out, steps, ga, resume=None, save_steps=None, **sam):
     if save_steps:
         kw.update(save_strategy="steps", save_steps=save_steps)
     kw.update(sam)
-    tr = ForcedFSDP2(model=copy.deepcopy(init), args=tiny.args(out, **kw), train_dataset=Ids(2 * PER * ga * 8))
+    tr = (cls or ForcedFSDP2)(model=copy.deepcopy(init), args=tiny.args(out, **kw), train_dataset=Ids(2 * PER * ga * 8))
     tr.seen, tr.collectives = [], []
     tr.train(resume_from_checkpoint=resume)
     gathered = [None] * dist.get_world_size()
@@ -190,8 +190,11 @@ def reference(init, seen, ga, mode, variant, cfg, seed=0):
     for s in range(steps):
         total = [torch.zeros_like(p) for p in m.parameters()]
         for i in range(s * ga, (s + 1) * ga):
-            chunks = [[torch.tensor(r[i]) for r in seen]]
-            chunks = [torch.cat(chunks[0])] if mode == "global" else chunks[0]
+            chunks = [torch.tensor(r[i]) for r in seen]
+            if mode == "global":
+                chunks = [torch.cat(chunks)]
+            elif mode == "node":  # HSDP's shard groups: ranks {0, 1}, {2, 3}
+                chunks = [torch.cat(chunks[k:k + 2]) for k in range(0, len(chunks), 2)]
             for rank, (c, state) in enumerate(zip(chunks, states)):
                 d = direction(variant, m, c, cfg, state, s, micro=i - s * ga, rank=rank, seed=seed)
                 total = [t + x / (ga * len(chunks)) for t, x in zip(total, d)]
@@ -199,6 +202,82 @@ def reference(init, seen, ga, mode, variant, cfg, seed=0):
             for p, t in zip(m.parameters(), total):
                 p.sub_(LR * t)
     return m
+
+
+# ---- bf16 under FSDP2 (MixedPrecisionPolicy): a tiny MLP, hf_sam.SAM, global ascent ---------------------
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(7, 13), torch.nn.Linear(13, 5)  # 13 rows: shards 7 + 6
+
+    def forward(self, x, y):
+        return torch.nn.functional.mse_loss(self.fc2(torch.tanh(self.fc1(x))), y)
+
+
+def mlp_batch(step, world):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(world * PER, 7, generator=g), torch.randn(world * PER, 5, generator=g)
+
+
+def bf16_reference(init, world, steps, rho=0.5, eps=1e-12):
+    """Each rank's forward/backward in bf16 at bf16 copies of the fp32 weights; the gradients averaged in
+    fp32 (reduce_dtype); the ascent norm in fp32; w + e formed in fp32; SGD on fp32 weights."""
+    w = [p.detach().clone() for p in init.parameters()]
+    net = copy.deepcopy(init).to(torch.bfloat16)
+
+    def grad(ws, x, y):
+        with torch.no_grad():
+            for p, t in zip(net.parameters(), ws):
+                p.copy_(t.to(torch.bfloat16))
+        return [t.float() for t in torch.autograd.grad(net(x.bfloat16(), y.bfloat16()), list(net.parameters()))]
+
+    for s in range(steps):
+        x, y = mlp_batch(s, world)
+        chunks = [(x[r * PER:(r + 1) * PER], y[r * PER:(r + 1) * PER]) for r in range(world)]
+        mean = lambda ws: [sum(t) / world for t in zip(*[grad(ws, *c) for c in chunks])]  # noqa: E731
+        g = mean(w)
+        we = [a + rho * t / (norm(g) + eps) for a, t in zip(w, g)]
+        w = [a - LR * t for a, t in zip(w, mean(we))]
+    return w
+
+
+def bf16_check(steps=3):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import hf_sam
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.manual_seed(0)
+    init, res = MLP(), {}
+    for lr in (LR, 0.0):
+        m = copy.deepcopy(init)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(m.fc1, mp_policy=mp)
+        fully_shard(m, mp_policy=mp)
+        opt = hf_sam.SAM(m.named_parameters(), torch.optim.SGD, config=hf_sam.SAMConfig(rho=0.5, eps=1e-12),
+                         model=m, lr=lr)
+        for s in range(steps):
+            x, y = (t[rank * PER:(rank + 1) * PER] for t in mlp_batch(s, world))
+
+            def closure():
+                value = m(x, y)
+                value.backward()
+                return value
+
+            opt.step(closure)
+            opt.zero_grad()
+        if lr == 0:  # the fp32 shards come back bit for bit after every step
+            res["restored_bitwise"] = all(torch.equal(full(p), q.detach()) for p, q in zip(m.parameters(),
+                                                                                           init.parameters()))
+        else:
+            res["shard_dtype"] = str(next(m.parameters()).dtype)
+            ref = bf16_reference(init, world, steps)
+            res["dev_vs_bf16_ref"] = max((full(p) - q).abs().max().item() for p, q in zip(m.parameters(), ref))
+            plain = bf16_reference(init, world, steps, rho=0.0)  # the test tells SAM from the plain step
+            res["dev_vs_plain"] = max((full(p) - q).abs().max().item() for p, q in zip(m.parameters(), plain))
+    return res
 
 
 # ---- the checks -----------------------------------------------------------------------------------
@@ -300,6 +379,8 @@ def check(name, out):
         except ValueError as err:
             res["refused"] = str(err)
         return res
+    if name == "bf16":
+        return bf16_check()
     if name.startswith("closure_"):  # hf_sam.SAM on fully_shard modules, e.g. closure_sam_global_2[_nomodel]
         if name == "closure_refuse_local_nomodel":
             try:
@@ -365,12 +446,12 @@ class Results(dict):
         return res
 
 
-def launch(worker, out, names, port, prefix, env=None, timeout=300):
-    """Run `worker` under torchrun with 2 CPU processes; the checks' results by name."""
+def launch(worker, out, names, port, prefix, env=None, timeout=300, nproc=2):
+    """Run `worker` under torchrun with `nproc` CPU processes; the checks' results by name."""
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            os.path.join(HERE, worker), str(out), *names]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

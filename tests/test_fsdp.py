@@ -20,7 +20,8 @@ CHECKS = ["cpu_asked_fsdp", "ops", "sam_global_1", "sam_global_2", "sam_local_1"
           "fsam_local_1", "resume", "restored",
           # hf_sam.SAM (the closure optimizer) on a model sharded with fully_shard before the optimizer
           "closure_sam_global_1_nomodel", "closure_sam_global_2", "closure_sam_local_2", "closure_rsam_global_1",
-          "closure_rwp_global_1", "closure_rwp_local_1", "closure_refuse_local_nomodel"]
+          "closure_rwp_global_1", "closure_rwp_local_1", "closure_refuse_local_nomodel",
+          "bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,14 @@ def test_noise_variants_on_dtensor_shards(results):
         r = results[name]
         assert r[f"dev_vs_{mode}"] <= 1e-6, (name, r)
         assert r[f"dev_vs_{other}"] > 1e-3, (name, r)
+
+
+def test_bf16_mixed_precision_policy(results):
+    """param_dtype bf16, reduce_dtype fp32: the fp32 shards, the fp32 norm; exact vs a bf16 reference, restored bitwise."""
+    r = results["bf16"]
+    assert r["shard_dtype"] == "torch.float32"
+    assert r["dev_vs_bf16_ref"] <= 1e-6 and r["dev_vs_plain"] > 1e-3, r
+    assert r["restored_bitwise"] is True
 
 
 def test_closure_per_device_without_model_is_refused(results):
