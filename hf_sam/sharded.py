@@ -19,6 +19,18 @@ FSDP2
   pass's gradient unsharded and mix it into the next reduce-scatter. Each SAM pass sets the gradient
   sync itself (sync_each_batch semantics): one reduce-scatter per pass and micro-batch.
 
+HSDP (FSDP2 on a 2-D (replicate, shard) mesh: shard inside a node, replicate across nodes)
+- Global and per-device ascent as above; the norm's scalar all-reduce runs over the shard group
+  only (ops._shard_group: the replicas hold copies of the same shards).
+- `sync_ascent="node"`: the ascent over the node's batch. The clean pass runs as per-device, then one
+  flat all-reduce of the full gradient inside the shard group gives the node mean; the rest is the
+  per-device path. No inter-node collective for the ascent; DDP-level memory during the step (the
+  sharded-memory route, FSDP's private `_partial_reduce_output`, is in docs/probes/scale_out).
+- An explicit per-device descent gradient is reduced over every mesh dim (a Partial on each).
+
+hf_sam.SAM (the closure optimizer) uses the FSDP2 strategy when its parameters are DTensors or its
+`model=` holds fully_shard modules (`for_closure`).
+
 DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partitioned)
 - A temporary pass runs the stock loss on detached leaves that share the parameters' storage, with
   a plain backward into them: ZeRO's gradient hooks and the engine's backward epilogue never run.
@@ -28,8 +40,8 @@ DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partit
 - An explicit descent gradient d (set_final: GSAM, LookSAM) goes through the engine as the backward
   of sum_i <p_i, d_i>.
 
-Refused with a message: FSDP1 (set fsdp_version 2), HSDP, ZeRO-3, DeepSpeed offload and fp16, the
-variants not listed below, and a run that asked for FSDP or DeepSpeed but was set up without it
+Refused with a message: FSDP1 (set fsdp_version 2), ZeRO-3, DeepSpeed offload and fp16, the
+variants not listed below, rsam with per-device ascent under FSDP2, "node" outside HSDP, and a run that asked for FSDP or DeepSpeed but was set up without it
 (accelerate does not shard on a CPU).
 
 Each backend is a sharding strategy (`FSDP2`, `DeepSpeed`: subclasses of hf_sam.step.Replicated,
@@ -106,7 +118,10 @@ def check(trainer):
         stage = int(zero.get("stage", 0) or 0)
         if stage not in (1, 2):
             raise ValueError(f"hf_sam supports DeepSpeed ZeRO stages 1 and 2 (got stage {stage}): ZeRO-3 partitions "
-                             "the parameters, which the ascent would have to gather and perturb. Use FSDP2 "
+                             "the parameters, which the ascent would have to perturb in the partitions and "
+                             "re-gather (global ascent: measured feasible, not implemented yet; per-device "
+                             "ascent: not feasible, the full-weight forward fails in ZeRO-3's fetch hook with "
+                             "\"'Tensor' object has no attribute 'ds_status'\"). Use FSDP2 "
                              "(configs/accelerate/fsdp.yaml) to shard the parameters.")
         offload = [key for key in ("offload_optimizer", "offload_param")
                    if str((zero.get(key) or {}).get("device", "none")).lower() != "none"]
@@ -134,14 +149,14 @@ def configure(trainer, config, previous=None):
     previous: the strategy this trainer used so far (the auto-ascent warning is given once per trainer).
     """
     k = kind(trainer)
+    if config.sync_ascent == NODE and k != "fsdp2":
+        _refuse_node(f"this run is {'DeepSpeed' if k == 'deepspeed' else 'not sharded with FSDP2'}")
     if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
         if config.variant not in DEEPSPEED_VARIANTS:
             raise ValueError(
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
                 f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
         return DeepSpeed(), config
-    if config.sync_ascent == NODE and k != "fsdp2":
-        _refuse_node(f"this run is {'DeepSpeed' if k == 'deepspeed' else 'not sharded with FSDP2'}")
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         return REPLICATED, config
     strategy, config = _fsdp2(config)
@@ -185,6 +200,8 @@ def for_closure(params, model, config):
     fully_shard module (global ascent unless sync_ascent=False, which needs model=), else Replicated."""
     fsdp = model is not None and bool(_fsdp_modules(model))
     if not fsdp and not any(ops.is_sharded(p) for p in params):
+        if config.sync_ascent == NODE:
+            _refuse_node("these parameters are not sharded with FSDP2")
         return REPLICATED, config
     strategy, config = _fsdp2(config, where="FSDP2 in hf_sam.SAM")
     if config.sync_ascent in (False, NODE) and not fsdp:

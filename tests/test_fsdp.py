@@ -159,6 +159,17 @@ def test_refusals_name_the_fix(monkeypatch):
         sharded.setup(*_setup_args("deepspeed", variant="msam", deepspeed=zero2))
     with pytest.raises(ValueError, match="'rsam' runs under FSDP with global ascent only"):
         sharded.setup(*_setup_args("fsdp", variant="rsam", fsdp=True, sync=False))
+    for where in ("deepspeed", None):  # sync_ascent='node' outside HSDP
+        with pytest.raises(ValueError, match="sync_ascent='node'.*needs HSDP"):
+            sharded.setup(*_setup_args(where, sync="node", deepspeed=zero2 if where else None))
+    with pytest.raises(ValueError, match="'rwp' cannot use sync_ascent='node'"):
+        sharded.setup(*_setup_args("fsdp", variant="rwp", fsdp=True, sync="node"))
+    import torch
+
+    from hf_sam import SAM
+    with pytest.raises(ValueError, match="sync_ascent='node'.*needs HSDP"):  # the closure optimizer, one process
+        SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, config=SAMConfig(sync_ascent="node"),
+            lr=0.1).step(lambda: torch.ones(()))
     with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
         sharded.setup(*_setup_args("fsdp", variant="esam", fsdp=True))
     with pytest.raises(ValueError, match="DeepSpeed was requested"):
