@@ -412,7 +412,7 @@ def check(name, out):
     res["wte_local_rows"] = tr.model.transformer.wte.weight.to_local().shape[0]
     res["collectives_per_micro_batch"] = tr.collectives[:ga]
     for ref_mode in ("global", "local"):
-        if variant in ("sam", "asam", "fsam") or ref_mode == mode:
+        if variant in ("sam", "asam", "fsam", "rwp") or ref_mode == mode:
             res[f"dev_vs_{ref_mode}"] = deviation(tr, reference(init, seen, ga, ref_mode, variant, cfg))
     res["distinct_micro_batches"] = len({json.dumps(mb) for r in seen for mb in r})
     return res

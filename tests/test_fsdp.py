@@ -17,7 +17,7 @@ from hf_sam.cards import _ascent
 # one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
 CHECKS = ["cpu_asked_fsdp", "ops", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
           "asam_local_1", "gsam_global_1", "gsam_local_1", "looksam_global_1", "looksam_local_1", "fsam_global_1",
-          "fsam_local_1", "resume", "restored",
+          "fsam_local_1", "rwp_global_1", "rwp_local_1", "rsam_global_1", "resume", "restored",
           # hf_sam.SAM (the closure optimizer) on a model sharded with fully_shard before the optimizer
           "closure_sam_global_1_nomodel", "closure_sam_global_2", "closure_sam_local_2", "closure_rsam_global_1",
           "closure_rwp_global_1", "closure_rwp_local_1", "closure_refuse_local_nomodel",
@@ -81,6 +81,13 @@ def test_gsam_looksam_fsam_under_fsdp(results):
     for name in ("gsam_local_1", "looksam_local_1", "fsam_local_1"):  # explicit descent gradients: gsam, looksam
         assert results[name]["dev_vs_local"] <= 1e-5, (name, results[name])
     assert results["fsam_local_1"]["dev_vs_global"] > 1e-3
+
+
+def test_noise_variants_in_the_trainer(results):
+    """rwp (both modes) and rsam (global) under SAMTrainer on FSDP2: the noise of one process, cut to the shards."""
+    for name, mode in [("rwp_global_1", "global"), ("rwp_local_1", "local"), ("rsam_global_1", "global")]:
+        assert results[name]["dev_vs_" + mode] <= 1e-6, (name, results[name])
+    assert results["rwp_global_1"]["dev_vs_local"] > 1e-3 and results["rwp_local_1"]["dev_vs_global"] > 1e-3
 
 
 def test_resume_equals_uninterrupted_run(results):
