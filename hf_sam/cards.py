@@ -184,6 +184,8 @@ def _ascent(trainer) -> str:
     """Where the ascent gradient comes from: this device's micro-batch, or all processes' (global)."""
     if not trainer.sam_config.sync_ascent:
         return "and per device (m-sharpness with m = the per-device micro-batch size)"
+    if trainer.sam_config.sync_ascent == "node":
+        return "per node (HSDP: the mean over the shard group's micro-batches, sync_ascent='node')"
     sharding = getattr(trainer, "sam_sharding", None)
     why = ", the default under FSDP" if sharding is not None and sharding.sync_ascent_auto else ""
     return f"over the global batch (the micro-batches of all processes: sync_ascent=True{why})"

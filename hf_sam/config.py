@@ -109,7 +109,9 @@ class SAMConfig:
     same_dropout: bool = setting(True, "Replay the clean pass's RNG state (dropout masks) in the perturbed pass.")
     sync_ascent: bool | None = setting(None, "True: global ascent (the ascent gradient is the mean over all "
                                        "processes). False: per-device ascent without communication, as in the SAM "
-                                       "paper. None (auto): per-device under DDP, global under FSDP (memory).")
+                                       "paper. None (auto): per-device under DDP, global under FSDP (memory). "
+                                       "'node' (HSDP only): the mean over the shard group (one node).",
+                                       check=lambda x: isinstance(x, bool) or x == "node", allowed="True, False, None or 'node'")
     # --- which parameters are perturbed ---------------------------------------------------
     perturb: str = setting("trainable", "Which parameters are perturbed: every trainable parameter, the PEFT "
                            "adapter factors only, or normalisation-layer parameters only (SAM-ON).",
@@ -416,6 +418,8 @@ def _is_bool_type(annotation) -> bool:
 
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 BOOL_ALLOWED = "true, false, 1, 0, yes, no (any case), or a bool"
+# boolean settings that also take named modes beside True/False (sync_ascent="node": HSDP's ascent per node)
+BOOL_MODES = {"sync_ascent": ("node",)}
 
 
 def coerce_value(name: str, annotation, value):
@@ -436,9 +440,14 @@ def coerce_value(name: str, annotation, value):
             return bool(value)
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-            return value.strip().lower() in TRUE_WORDS
-        raise ValueError(f"{name}={value!r} is not a boolean; {name} takes {BOOL_ALLOWED}.")
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        modes = BOOL_MODES.get(name[len(PREFIX):] if name.startswith(PREFIX) else name, ())
+        if word in modes:
+            return word
+        also = "".join(f" or {m!r}" for m in modes)
+        raise ValueError(f"{name}={value!r} is not a boolean; {name} takes {BOOL_ALLOWED}{also}.")
     kind = _numeric_kind(annotation)
     if kind is None:
         return value

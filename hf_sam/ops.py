@@ -2,10 +2,12 @@
 
 Lists of tensors stand for one flat vector; norms are global L2 norms computed in fp32.
 
-Sharded tensors (FSDP2's DTensor parameters and gradients, placements Shard(0) on a 1-D mesh) are
-accepted everywhere: elementwise ops run on the local shards (`to_local()`, same storage), and a
-global norm or inner product is the local shards' sum reduced by ONE scalar all-reduce. Results of
-reductions are plain 0-dim tensors holding the global value on every process.
+Sharded tensors (FSDP2's DTensor parameters and gradients: Shard(0) on a 1-D mesh, or
+(Replicate(), Shard(0)) on HSDP's (replicate, shard) mesh) are accepted everywhere: elementwise ops
+run on the local shards (`to_local()`, same storage), and a global norm or inner product is the
+local shards' sum reduced by ONE scalar all-reduce over the shard group. Results of reductions are
+plain 0-dim tensors holding the global value on every process. `draw_like` draws random numbers
+for a DTensor as one process would draw them for the full tensor.
 
 The collectives of the step live here too (the scalar all-reduce of sharded norms, `all_mean_`,
 `mean_over_processes`), and `isolated`: a block after which the global RNG and given buffers are
@@ -41,15 +43,37 @@ def plain(value):
 
 
 def _shard_group(tensors):
-    """The process group to sum over when the list holds sharded tensors (None: all local)."""
+    """The process group to sum over when the list holds sharded tensors (None: all local).
+
+    A DTensor's placements may replicate it along some mesh dims (HSDP: (Replicate(), Shard(0)) on a
+    (replicate, shard) mesh) and must shard it along exactly one: the sum runs over that dim's group
+    only, since the replicas hold copies of the same shards (summing over all processes would count
+    each shard once per replica).
+    """
     for t in tensors:
         if is_sharded(t):
-            mesh = t.device_mesh
-            if mesh.ndim != 1 or any(not pl.is_shard() for pl in t.placements):
-                raise NotImplementedError(f"hf_sam sums over DTensors sharded on a 1-D mesh only (got placements "
-                                          f"{t.placements} on a {mesh.ndim}-D mesh; HSDP is not supported).")
-            return mesh.get_group()
+            dims = [i for i, pl in enumerate(t.placements) if pl.is_shard()]
+            if len(dims) != 1 or any(not (pl.is_shard() or pl.is_replicate()) for pl in t.placements):
+                raise NotImplementedError(f"hf_sam sums over DTensors sharded along exactly one mesh dim and "
+                                          f"replicated along the others (FSDP2, HSDP); got placements "
+                                          f"{t.placements} on a {t.device_mesh.ndim}-D mesh.")
+            return t.device_mesh.get_group(dims[0])
     return None
+
+
+def draw_like(p, draw):
+    """draw(p) for a plain tensor. For a DTensor: draw(the full tensor), so the numbers are the ones a
+    single process draws from the same generator, cut to this rank's shard (a DTensor like p).
+
+    Every rank must call it for the same tensors in the same order: gathering p is one all-gather
+    (the cut itself communicates nothing: `src_data_rank=None` keeps each rank's own full draw).
+    """
+    if not is_sharded(p):
+        return draw(p)
+    from torch.distributed.tensor import distribute_tensor
+
+    full = draw(p.detach().full_tensor())
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def _sum_over_shards(parts: torch.Tensor, tensors) -> torch.Tensor:

@@ -41,6 +41,11 @@ no all-reduce, as SAMTrainer does); without it the ascent gradients are all-redu
 ascent, the result of `sync_ascent=True`). As in any DDP accumulation loop, wrap the micro-batches
 before the last one in `model.no_sync()` yourself.
 
+FSDP2 (`fully_shard` before building the optimizer; HSDP too): detected from the DTensor parameters
+or `model=`. The ascent is global by default (sync_ascent=None or True: m = the global batch, sharded
+memory, no model= needed); sync_ascent=False is the per-device ascent on unsharded parameters and
+needs model=<the fully_shard root>. The variants allowed are hf_sam.sharded.FSDP2_VARIANTS.
+
 fp16: a GradScaler cannot drive a closure optimizer correctly (accelerate passes the closure to
 `scaler.step` positionally, the closure's gradients are never unscaled): use bf16 or SAMTrainer.
 Variants that need the Trainer (its dataset, loss hooks or callbacks) are refused here.
@@ -52,6 +57,7 @@ from contextlib import nullcontext
 
 import torch
 
+from . import sharded
 from .config import SAMConfig
 from .step import Metrics, StepContext, build_selection, run_step, sam_active, unique_trainable
 from .variants import get_variant
@@ -176,6 +182,7 @@ class SAM(torch.optim.Optimizer):
         self._metrics = None
         self._ledger = GradLedger()
         self._ledger.record(unique_trainable(self.param_groups))
+        self._strategy = None
         if names is None and model is None and (config.effective_adaptive or config.perturb != "trainable"
                                                 or config.perturb_include or config.perturb_exclude):
             raise ValueError("adaptive ascent, perturb modes and patterns read parameter names: pass "
@@ -196,8 +203,9 @@ class SAM(torch.optim.Optimizer):
                     loss = closure()
                 self.last_loss = loss.detach() if torch.is_tensor(loss) else loss
                 return loss
-            ctx = StepContext(ClosureFrontEnd(self, closure), self.config, self._selected(), self.sam_state,
-                              self._metric_sums())
+            sharding, config = self._sharding()
+            ctx = StepContext(ClosureFrontEnd(self, closure), config, self._selected(), self.sam_state,
+                              self._metric_sums(), sharding=sharding)
             self.last_loss = run_step(self.variant, ctx)
             return self.last_loss
         finally:
@@ -276,6 +284,8 @@ class SAM(torch.optim.Optimizer):
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return 0, 1
+        if self._sharding()[0].kind == "fsdp2":  # FSDP2 (hf_sam.sharded): the ascent mode is sync_ascent's
+            return dist.get_rank(), dist.get_world_size()
         if self.model is None or not hasattr(self.model, "no_sync"):
             if "no_ddp_model" not in self._flags:
                 self._flags.add("no_ddp_model")
@@ -284,6 +294,14 @@ class SAM(torch.optim.Optimizer):
                               "ascent.", stacklevel=4)
             return dist.get_rank(), 1
         return dist.get_rank(), dist.get_world_size()
+
+    def _sharding(self):
+        """(strategy, config): FSDP2 when the parameters are DTensors or model= is fully_shard-ed
+        (hf_sam.sharded.for_closure: sync_ascent None means global ascent there), else Replicated."""
+        if self._strategy is None or self._strategy[0] is not self.model:  # opt.model may be set late
+            self._strategy = (self.model, *sharded.for_closure(unique_trainable(self.param_groups), self.model,
+                                                               self.config))
+        return self._strategy[1:]
 
     def _selected(self):
         if self._selection is None:

@@ -19,6 +19,18 @@ FSDP2
   pass's gradient unsharded and mix it into the next reduce-scatter. Each SAM pass sets the gradient
   sync itself (sync_each_batch semantics): one reduce-scatter per pass and micro-batch.
 
+HSDP (FSDP2 on a 2-D (replicate, shard) mesh: shard inside a node, replicate across nodes)
+- Global and per-device ascent as above; the norm's scalar all-reduce runs over the shard group
+  only (ops._shard_group: the replicas hold copies of the same shards).
+- `sync_ascent="node"`: the ascent over the node's batch. The clean pass runs as per-device, then one
+  flat all-reduce of the full gradient inside the shard group gives the node mean; the rest is the
+  per-device path. No inter-node collective for the ascent; DDP-level memory during the step (the
+  sharded-memory route, FSDP's private `_partial_reduce_output`, is in docs/probes/scale_out).
+- An explicit per-device descent gradient is reduced over every mesh dim (a Partial on each).
+
+hf_sam.SAM (the closure optimizer) uses the FSDP2 strategy when its parameters are DTensors or its
+`model=` holds fully_shard modules (`for_closure`).
+
 DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partitioned)
 - A temporary pass runs the stock loss on detached leaves that share the parameters' storage, with
   a plain backward into them: ZeRO's gradient hooks and the engine's backward epilogue never run.
@@ -28,8 +40,8 @@ DeepSpeed ZeRO-1/2 (parameters replicated, gradients and optimizer states partit
 - An explicit descent gradient d (set_final: GSAM, LookSAM) goes through the engine as the backward
   of sum_i <p_i, d_i>.
 
-Refused with a message: FSDP1 (set fsdp_version 2), HSDP, ZeRO-3, DeepSpeed offload and fp16, the
-variants not listed below, and a run that asked for FSDP or DeepSpeed but was set up without it
+Refused with a message: FSDP1 (set fsdp_version 2), ZeRO-3, DeepSpeed offload and fp16, the
+variants not listed below, rsam with per-device ascent under FSDP2, "node" outside HSDP, and a run that asked for FSDP or DeepSpeed but was set up without it
 (accelerate does not shard on a CPU).
 
 Each backend is a sharding strategy (`FSDP2`, `DeepSpeed`: subclasses of hf_sam.step.Replicated,
@@ -41,7 +53,7 @@ context. A strategy changes the step only through the context's public operation
 import dataclasses
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -50,9 +62,17 @@ from .step import REPLICATED, Replicated, unique_trainable
 
 logger = logging.getLogger(__name__)
 
-# Variants tested under FSDP2 and DeepSpeed ZeRO-1/2, both ascent modes, against their single-process
-# references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
-SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# Variants tested under DeepSpeed ZeRO-1/2 and FSDP2, both ascent modes (rsam: global only), against their
+# single-process references (tests/test_fsdp.py, tests/test_deepspeed.py). Others are refused there.
+SHARDED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam", "rsam")
+DEEPSPEED_VARIANTS = ("sam", "asam", "gsam", "looksam", "fsam")
+# FSDP2 also runs these: their per-tensor reductions (RWP's filter norms) run inside the noise draw, which
+# sees full tensors (common.random_perturbation -> ops.draw_like), not in the step on the shards.
+FULL_DRAW_VARIANTS = ("rwp",)
+FSDP2_VARIANTS = SHARDED_VARIANTS + FULL_DRAW_VARIANTS
+# FSDP2 per-device ascent holds the unsharded parameters only after a pass at w; these move w first.
+FSDP2_GLOBAL_ONLY = {"rsam": "its first pass is at w + noise (the per-device ascent under FSDP2 holds each "
+                             "device's unsharded parameters only after a pass at w)"}
 
 
 def _env_true(name):
@@ -98,7 +118,10 @@ def check(trainer):
         stage = int(zero.get("stage", 0) or 0)
         if stage not in (1, 2):
             raise ValueError(f"hf_sam supports DeepSpeed ZeRO stages 1 and 2 (got stage {stage}): ZeRO-3 partitions "
-                             "the parameters, which the ascent would have to gather and perturb. Use FSDP2 "
+                             "the parameters, which the ascent would have to perturb in the partitions and "
+                             "re-gather (global ascent: measured feasible, not implemented yet; per-device "
+                             "ascent: not feasible, the full-weight forward fails in ZeRO-3's fetch hook with "
+                             "\"'Tensor' object has no attribute 'ds_status'\"). Use FSDP2 "
                              "(configs/accelerate/fsdp.yaml) to shard the parameters.")
         offload = [key for key in ("offload_optimizer", "offload_param")
                    if str((zero.get(key) or {}).get("device", "none")).lower() != "none"]
@@ -126,27 +149,67 @@ def configure(trainer, config, previous=None):
     previous: the strategy this trainer used so far (the auto-ascent warning is given once per trainer).
     """
     k = kind(trainer)
+    if config.sync_ascent == NODE and k != "fsdp2":
+        _refuse_node(f"this run is {'DeepSpeed' if k == 'deepspeed' else 'not sharded with FSDP2'}")
     if k == "deepspeed":  # ZeRO-1/2 keep the parameters replicated: per-device ascent by default, as DDP
-        if config.variant not in SHARDED_VARIANTS:
+        if config.variant not in DEEPSPEED_VARIANTS:
             raise ValueError(
                 f"variant {config.variant!r} is not supported under DeepSpeed yet (only "
-                f"{', '.join(SHARDED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
+                f"{', '.join(DEEPSPEED_VARIANTS)} are tested). Use DDP for {config.variant!r}.")
         return DeepSpeed(), config
     if k != "fsdp2":  # DDP or one process: sync_ascent=None reads as False (per-device ascent)
         return REPLICATED, config
-    auto = config.sync_ascent is None
-    if auto:
-        config = dataclasses.replace(config, sync_ascent=True)
-    if config.variant not in SHARDED_VARIANTS:
-        raise ValueError(
-            f"variant {config.variant!r} is not supported under FSDP yet (only {', '.join(SHARDED_VARIANTS)} are "
-            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
-    if auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
+    strategy, config = _fsdp2(config)
+    if strategy.sync_ascent_auto and not (previous is not None and previous.sync_ascent_auto):  # once per trainer
         logger.warning(
             "hf_sam: FSDP run, sync_ascent not set: using global ascent (sync_ascent=True, m = global batch; "
             "sharded memory; each pass all-gathers and reduce-scatters, +1 scalar all-reduce per micro-batch). Set "
             "sync_ascent=False for the SAM paper's per-device ascent (DDP-level memory during the step).")
+    return strategy, config
+
+
+NODE = "node"  # sync_ascent: the ascent within HSDP's shard group (m = the node's batch)
+NODE_REFUSED = {"rsam": "its noise is drawn per device", "rwp": "its noise is drawn per device"}
+
+
+def _refuse_node(why):
+    raise ValueError(f"sync_ascent='node' (the ascent within the shard group) needs HSDP: FSDP2 on a 2-D "
+                     f"(replicate, shard) device mesh; {why}. Use sync_ascent=True (global) or False (per device).")
+
+
+def _fsdp2(config, where="FSDP"):
+    """(FSDP2 strategy, config with sync_ascent resolved: None -> True), or ValueError for a variant it cannot run."""
+    auto = config.sync_ascent is None
+    if auto:
+        config = dataclasses.replace(config, sync_ascent=True)
+    if config.variant not in FSDP2_VARIANTS:
+        raise ValueError(
+            f"variant {config.variant!r} is not supported under {where} yet (only {', '.join(FSDP2_VARIANTS)} are "
+            f"tested on sharded parameters). Use DDP for {config.variant!r}.")
+    if config.sync_ascent == NODE and config.variant in NODE_REFUSED:
+        raise ValueError(f"variant {config.variant!r} cannot use sync_ascent='node': "
+                         f"{NODE_REFUSED[config.variant]} (untested per node). Use sync_ascent=True.")
+    if config.sync_ascent is False and config.variant in FSDP2_GLOBAL_ONLY:
+        raise ValueError(f"variant {config.variant!r} runs under {where} with global ascent only "
+                         f"(sync_ascent=True): {FSDP2_GLOBAL_ONLY[config.variant]}.")
     return FSDP2(sync_ascent_auto=auto), config
+
+
+def for_closure(params, model, config):
+    """(strategy, config) for hf_sam.SAM: FSDP2 when a parameter is a DTensor or `model` holds a
+    fully_shard module (global ascent unless sync_ascent=False, which needs model=), else Replicated."""
+    fsdp = model is not None and bool(_fsdp_modules(model))
+    if not fsdp and not any(ops.is_sharded(p) for p in params):
+        if config.sync_ascent == NODE:
+            _refuse_node("these parameters are not sharded with FSDP2")
+        return REPLICATED, config
+    strategy, config = _fsdp2(config, where="FSDP2 in hf_sam.SAM")
+    if config.sync_ascent in (False, NODE) and not fsdp:
+        raise ValueError(f"hf_sam.SAM(config=SAMConfig(sync_ascent={config.sync_ascent!r})) on FSDP2-sharded parameters: the "
+                         "per-device ascent works on each device's unsharded parameters, which it reaches through "
+                         "the model: pass model=<the fully_shard root module> (or set sync_ascent=True, global "
+                         "ascent, which needs no model).")
+    return strategy, config
 
 
 def setup(trainer, config, previous=None):
@@ -163,6 +226,8 @@ class FSDP2(Replicated):
         self.sync_ascent_auto = sync_ascent_auto
 
     def pass_context(self, ctx, sync, final):
+        if ctx.model is None:  # hf_sam.SAM without model= (global ascent only): FSDP reduces every backward
+            return nullcontext()
         return _fsdp_pass(ctx, sync, final)
 
     def descend(self, ctx, d) -> bool:
@@ -235,6 +300,32 @@ class _StepState:
             raise RuntimeError("FSDP2 is enabled but the model has no fully_shard module")
         self.root = self.modules[0]
         self.held = None  # FSDPParam list aligned with ctx.selection.params while unsharded is held
+        self.node_group = None  # sync_ascent="node": HSDP's shard group
+
+
+def _node_group(params):
+    """HSDP's shard group (the mesh dim the parameters are sharded on), for sync_ascent='node'."""
+    for p in params:
+        if ops.is_sharded(p):
+            if p.device_mesh.ndim < 2:
+                _refuse_node(f"the parameters are sharded on a {p.device_mesh.ndim}-D mesh, where the shard "
+                             "group is every process (the global ascent)")
+            dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+            return p.device_mesh.get_group(dims[0])
+    _refuse_node("no parameter is sharded")
+
+
+def _group_mean_(tensors, group):
+    """Each tensor becomes its mean over `group`, in place (one flat all-reduce, the tensors' dtype)."""
+    import torch.distributed as dist
+
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    for t, x in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(x.view_as(t))
 
 
 _STEP = "fsdp2"  # ctx.scratch entry: the _StepState of this micro-batch
@@ -259,7 +350,10 @@ def _fsdp_pass(ctx, sync, final):
                           [(g, g.post_forward_mesh_info) for g in m._get_fsdp_state()._fsdp_param_groups])
                          for m in st.modules]
         root.set_reshard_after_forward(False)
-    reduce = sync or final
+    node = sync == NODE
+    if node and st.node_group is None:
+        st.node_group = _node_group(ctx.selection.params)
+    reduce = final or (bool(sync) and not node)
     root.set_requires_gradient_sync(reduce)
     if not reduce:
         root.set_reshard_after_backward(False)
@@ -275,6 +369,8 @@ def _fsdp_pass(ctx, sync, final):
                     group.post_forward_mesh_info = info
     if not reduce:
         _hold_unsharded(ctx, st)
+        if node:  # the node's mean gradient: one flat all-reduce inside the shard group (no inter-node traffic)
+            _group_mean_([p.grad for p in ctx.params if p.grad is not None], st.node_group)
     elif st.held is not None and final:
         _drop_unsharded(ctx, st)
 
@@ -417,7 +513,9 @@ def _fsdp_descend_with(ctx, d):
     with torch.no_grad():
         for p, x in zip(ctx.selection.params, d):  # every process reduces every parameter (collectives)
             full = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device) if x is None else x.detach()
-            mean = DTensor.from_local(full, p.device_mesh, [Partial()], shape=p.shape, stride=p.stride(),
+            # a partial sum over every mesh dim (HSDP: replicas and shards), reduced to p's placements
+            mean = DTensor.from_local(full, p.device_mesh, [Partial()] * p.device_mesh.ndim, shape=p.shape,
+                                      stride=p.stride(),
                                       run_check=False).redistribute(p.device_mesh, p.placements)
             mean.to_local().div_(world)
             if p.grad is None:

@@ -17,7 +17,11 @@ from hf_sam.cards import _ascent
 # one launch, one trainer after another (the first check runs before any trainer is forced onto FSDP2)
 CHECKS = ["cpu_asked_fsdp", "ops", "sam_global_1", "sam_global_2", "sam_local_1", "sam_local_2", "asam_global_1",
           "asam_local_1", "gsam_global_1", "gsam_local_1", "looksam_global_1", "looksam_local_1", "fsam_global_1",
-          "fsam_local_1", "resume", "restored"]
+          "fsam_local_1", "rwp_global_1", "rwp_local_1", "rsam_global_1", "resume", "restored",
+          # hf_sam.SAM (the closure optimizer) on a model sharded with fully_shard before the optimizer
+          "closure_sam_global_1_nomodel", "closure_sam_global_2", "closure_sam_local_2", "closure_rsam_global_1",
+          "closure_rwp_global_1", "closure_rwp_local_1", "closure_refuse_local_nomodel",
+          "bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +83,52 @@ def test_gsam_looksam_fsam_under_fsdp(results):
     assert results["fsam_local_1"]["dev_vs_global"] > 1e-3
 
 
+def test_noise_variants_in_the_trainer(results):
+    """rwp (both modes) and rsam (global) under SAMTrainer on FSDP2: the noise of one process, cut to the shards."""
+    for name, mode in [("rwp_global_1", "global"), ("rwp_local_1", "local"), ("rsam_global_1", "global")]:
+        assert results[name]["dev_vs_" + mode] <= 1e-6, (name, results[name])
+    assert results["rwp_global_1"]["dev_vs_local"] > 1e-3 and results["rwp_local_1"]["dev_vs_global"] > 1e-3
+
+
 def test_resume_equals_uninterrupted_run(results):
     r = results["resume"]
     assert r["resume_vs_uninterrupted"] <= 1e-6
     assert r["first_run_moved"] > 1e-4  # the 2-step run stopped elsewhere: the resume did the work
     assert {"sam_state_rank0.pt", "sam_state_rank1.pt", "pytorch_model_fsdp_0"} <= set(r["ckpt_files"])
+
+
+def test_closure_optimizer_on_fully_shard_modules_both_modes(results):
+    """hf_sam.SAM: global ascent by default (model= or not), sync_ascent=False per device; exact."""
+    for name, mode, other in [("closure_sam_global_1_nomodel", "global", "local"),
+                              ("closure_sam_global_2", "global", "local"), ("closure_sam_local_2", "local", "global")]:
+        r = results[name]
+        assert r["sharded"], (name, r)
+        assert r[f"dev_vs_{mode}"] <= 1e-6, (name, r)
+        assert r[f"dev_vs_{other}"] > 1e-3, (name, r)  # sync_ascent is honoured, not ignored
+        assert not any("DDP" in w for w in r["warnings"]), (name, r["warnings"])  # no DDP advice on FSDP
+        assert r["metrics"]["sam/perturbation_norm"] == pytest.approx(0.5)
+
+
+def test_noise_variants_on_dtensor_shards(results):
+    """rsam, rwp: the noise drawn in full and cut to the shard equals one process's draw."""
+    for name, mode, other in [("closure_rsam_global_1", "global", "local"), ("closure_rwp_global_1", "global", "local"),
+                              ("closure_rwp_local_1", "local", "global")]:
+        r = results[name]
+        assert r[f"dev_vs_{mode}"] <= 1e-6, (name, r)
+        assert r[f"dev_vs_{other}"] > 1e-3, (name, r)
+
+
+def test_bf16_mixed_precision_policy(results):
+    """param_dtype bf16, reduce_dtype fp32: the fp32 shards, the fp32 norm; exact vs a bf16 reference, restored bitwise."""
+    r = results["bf16"]
+    assert r["shard_dtype"] == "torch.float32"
+    assert r["dev_vs_bf16_ref"] <= 1e-6 and r["dev_vs_plain"] > 1e-3, r
+    assert r["restored_bitwise"] is True
+
+
+def test_closure_per_device_without_model_is_refused(results):
+    msg = results["closure_refuse_local_nomodel"]["refused"]
+    assert msg and "sync_ascent=False" in msg and "model=" in msg
 
 
 # ---- set-up checks without processes ---------------------------------------------------------------
@@ -119,6 +164,19 @@ def test_refusals_name_the_fix(monkeypatch):
         sharded.setup(*_setup_args("deepspeed", deepspeed={**zero2, "fp16": {"enabled": True}}))
     with pytest.raises(ValueError, match="'msam' is not supported under DeepSpeed"):
         sharded.setup(*_setup_args("deepspeed", variant="msam", deepspeed=zero2))
+    with pytest.raises(ValueError, match="'rsam' runs under FSDP with global ascent only"):
+        sharded.setup(*_setup_args("fsdp", variant="rsam", fsdp=True, sync=False))
+    for where in ("deepspeed", None):  # sync_ascent='node' outside HSDP
+        with pytest.raises(ValueError, match="sync_ascent='node'.*needs HSDP"):
+            sharded.setup(*_setup_args(where, sync="node", deepspeed=zero2 if where else None))
+    with pytest.raises(ValueError, match="'rwp' cannot use sync_ascent='node'"):
+        sharded.setup(*_setup_args("fsdp", variant="rwp", fsdp=True, sync="node"))
+    import torch
+
+    from hf_sam import SAM
+    with pytest.raises(ValueError, match="sync_ascent='node'.*needs HSDP"):  # the closure optimizer, one process
+        SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, config=SAMConfig(sync_ascent="node"),
+            lr=0.1).step(lambda: torch.ones(()))
     with pytest.raises(ValueError, match="'esam' is not supported under FSDP"):
         sharded.setup(*_setup_args("fsdp", variant="esam", fsdp=True))
     with pytest.raises(ValueError, match="DeepSpeed was requested"):

@@ -91,17 +91,21 @@ def named_order(ctx) -> list[int]:
 def random_perturbation(ctx, draw) -> list:
     """draw(p) for every perturbed parameter p, drawn in `named_order`; aligned with ctx.params."""
     idx = [i for i in named_order(ctx) if ctx.selection.selected[i]]
-    return place(idx, [draw(ctx.params[i]) for i in idx], len(ctx.params))
+    # sharded parameters (FSDP2): `draw` sees the full tensor (one process's numbers), the result is cut
+    # to this rank's shard (ops.draw_like)
+    return place(idx, [ops.draw_like(ctx.params[i], draw) for i in idx], len(ctx.params))
 
 
 class Noise:
     """The random numbers of one micro-batch, from generators seeded by `noise_seed` (one per device).
 
-    per_process=False draws the same numbers on every process (rank 0's seed).
+    per_process=False draws the same numbers on every process (rank 0's seed). On sharded parameters
+    (FSDP2's global ascent: one weight vector for all processes) every process draws rank 0's numbers.
     """
 
     def __init__(self, ctx, per_process: bool = True):
-        rank = ctx.process_index if per_process else 0
+        one_vector = any(ops.is_sharded(p) for p in ctx.params)
+        rank = ctx.process_index if per_process and not one_vector else 0
         self.seed = noise_seed(ctx.seed, ctx.global_step, micro_step(ctx), rank)
         self._generators = {}
 
