@@ -17,7 +17,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny  # noqa: E402
 from fsdp_worker import PER, VARIANT_CFG, Ids, deviation, model, reference, run_checks  # noqa: E402
 

@@ -22,10 +22,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 import tiny  # noqa: E402
-from bench_collectives import COUNTS, force_fsdp2, install_counters  # noqa: E402
+from hf_sam_scripts.collectives import COUNTS, force_fsdp2, install_counters  # noqa: E402
 
 VOCAB, SEQ, PER, LR = 101, 16, 4, 0.1
 SCALE = (SEQ - 1) / SEQ  # the Trainer's GPT-2 loss: num_items_in_batch counts the unshifted labels
@@ -288,7 +286,7 @@ VARIANT_CFG = {
     "looksam": {"sam_variant": "looksam", "sam_looksam_k": 2, "sam_looksam_alpha": 0.7},
     "fsam": {"sam_variant": "fsam", "sam_fsam_sigma": 1.0, "sam_fsam_lambda": 0.9},
     "rsam": {"sam_variant": "rsam", "sam_rsam_sigma": 0.05},
-    "rwp": {"sam_variant": "rwp", "sam_rwp_alpha": 0.5, "sam_rwp_gamma": 0.05},
+    "rwp": {"sam_variant": "rwp", "sam_rho": 0.05, "sam_rwp_alpha": 0.5, "sam_rwp_gamma": 0.05},  # no radius: default rho
 }
 
 

@@ -17,9 +17,8 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fsdp_worker as fw  # noqa: E402
-from bench_collectives import install_counters  # noqa: E402
+from hf_sam_scripts.collectives import install_counters  # noqa: E402
 
 
 class ForcedHSDP(fw.ForcedFSDP2):
