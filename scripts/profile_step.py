@@ -96,25 +96,31 @@ MODELS = {"mlp": (mlp_model, mlp_data), "vit": (vit_model, vit_data)}
 
 
 # ---- one run -----------------------------------------------------------------------------------
-def make_trainer(model_name, variant, steps, data):
+def make_trainer(model_name, variant, steps, data, warmup=0):
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_sam import SAMConfig, SAMTrainer
 
     class StepClock(TrainerCallback):
-        def __init__(self):
-            self.times, self._t0 = [], None
+        """Wall and process CPU time from the start of step `warmup` to the end of the last step (two clock
+        reads per run: process_time is slow on some machines)."""
+
+        def __init__(self, warmup):
+            self.warmup, self.start, self.wall, self.cpu = warmup, None, None, None
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
+            if state.global_step == self.warmup:
+                self.start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.perf_counter() - self._t0)
+            if state.global_step == args.max_steps and self.start is not None:
+                self.wall = time.perf_counter() - self.start[0]
+                self.cpu = time.process_time() - self.start[1]
 
     torch.manual_seed(0)
     model = MODELS[model_name][0]()
-    clock = StepClock()
+    clock = StepClock(warmup)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="profile_step_"), per_device_train_batch_size=BATCH,
                              max_steps=steps, learning_rate=1e-3, optim="adamw_torch", report_to=[],
                              save_strategy="no", logging_steps=10_000_000, disable_tqdm=True, use_cpu=True,
@@ -127,9 +133,9 @@ def make_trainer(model_name, variant, steps, data):
 
 
 def timed_run(model_name, variant, steps, warmup, data):
-    trainer, clock = make_trainer(model_name, variant, steps, data)
+    trainer, clock = make_trainer(model_name, variant, steps, data, warmup)
     trainer.train()
-    return sum(clock.times[warmup:])
+    return clock.wall, clock.cpu
 
 
 # ---- the profile -------------------------------------------------------------------------------
@@ -192,6 +198,10 @@ def profile_run(model_name, variant, steps, data, top, log):
         if n:
             builtin.append((tt, n, f[2]))
     builtin.sort(reverse=True)
+    for kind, keep in (("torch", True), ("other built-in", False)):
+        part = [b for b in builtin if ("torch" in b[2]) == keep]
+        log(f"{kind} calls from step.py, ops.py and the variant per step: {sum(b[1] for b in part) / steps:6.1f}, "
+            f"own time {sum(b[0] for b in part) * us:8.1f} us")
     log(f"{'built-in called by step.py/ops.py/variants':70s} {'calls':>6s} {'own':>8s}")
     for tt, n, name in builtin[:top]:
         log(f"{name[:70]:70s} {n / steps:6.2f} {tt * us:8.1f}")
@@ -225,11 +235,15 @@ def main(argv=None):
                 times[c].append(timed_run(model_name, c, a.steps, a.warmup, data))
         n = a.steps - a.warmup
         print(f"\n## {model_name}: {a.steps} steps ({n} timed) x {a.rounds} interleaved rounds, one thread")
-        print(f"{'config':10s} {'us/step':>9s} {'x stock':>8s}  (min-max)")
+        print(f"{'config':10s} {'wall us/step':>12s} {'x stock':>8s} {'(min-max)':>13s}   "
+              f"{'cpu us/step':>11s} {'x stock':>8s} {'(min-max)':>13s}")
         for c in configs:
-            ratios = [t / s for t, s in zip(times[c], times["stock"])]
-            print(f"{c:10s} {statistics.median(times[c]) / n * 1e6:9.1f} {statistics.median(ratios):8.3f}  "
-                  f"({min(ratios):.3f}-{max(ratios):.3f})")
+            cells = []
+            for k in (0, 1):
+                ratios = [t[k] / s[k] for t, s in zip(times[c], times["stock"])]
+                cells.append(f"{statistics.median(t[k] for t in times[c]) / n * 1e6:12.1f} "
+                             f"{statistics.median(ratios):8.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+            print(f"{c:10s} " + "   ".join(cells))
         if a.profile:
             for c in configs:
                 profile_run(model_name, c, a.steps, data, a.top, print)
