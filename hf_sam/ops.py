@@ -113,6 +113,38 @@ def global_norm(tensors: Tensors, weights: list[float] | None = None) -> torch.T
     return _sum_over_shards(norms.square(), tensors).sqrt()
 
 
+def global_norms(tensors: Tensors, weightings: list) -> list[torch.Tensor]:
+    """[global_norm(tensors, w) for w in weightings] from ONE per-tensor norm pass (a weighting is None or a
+    list of floats): the step's gradient norm, its q-weighted norm and its s-weighted norm share one read."""
+    if not tensors:
+        return [torch.zeros((), dtype=torch.float32) for _ in weightings]
+    if _shard_group(tensors) is not None:  # sharded: each weighting through the one sharded reduction
+        return [global_norm(tensors, w) for w in weightings]
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=reduction_dtype(tensors)))
+    out = []
+    for w in weightings:
+        weighted = norms if w is None else norms * torch.tensor(w, dtype=norms.dtype, device=norms.device)
+        out.append(torch.linalg.vector_norm(weighted))
+    return out
+
+
+def finiteness_probe(tensors: Tensors, extra: Tensors = ()) -> torch.Tensor:
+    """A 0-dim tensor that is finite exactly when every entry of `tensors` and `extra` is (NaN and +-inf give a
+    non-finite value): the sum of per-tensor fp32 norms, one fused read (the non-finite guard's single check).
+
+    `extra`: plain tensors of any shape (a loss) checked with them. Sharded `tensors`: their global norm (one scalar
+    all-reduce, so every process decides alike) plus the extras'.
+    """
+    extra = [t.detach() for t in extra]
+    if _shard_group(tensors) is not None:
+        total = global_norm(tensors)
+        return total + finiteness_probe(extra).to(total) if extra else total
+    parts = list(tensors) + extra
+    if not parts:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack(torch._foreach_norm(parts, 2, dtype=reduction_dtype(parts))).sum()
+
+
 def global_dot(a: Tensors, b: Tensors) -> torch.Tensor:
     """sum_i <a_i, b_i> in fp32 (float64 for float64 tensors), as a 0-dim device tensor (no host sync; sharded:
     one scalar all-reduce)."""
@@ -160,7 +192,7 @@ def batchnorm_buffers(modules) -> Tensors:
 
 def rng_state():
     """The CPU and (initialised) CUDA generators' states, to replay a pass's random draws."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # initialised implies available
     return torch.get_rng_state(), cuda
 
 
@@ -174,6 +206,9 @@ def set_rng_state(state) -> None:
 def scale_(tensors: Tensors, scale: torch.Tensor, factors: list[float] | None = None) -> Tensors:
     """t_i *= factors_i * scale, in place."""
     ts = local(tensors)
+    if factors is not None and not torch.is_tensor(scale):  # a host scale: one multiply by factors_i * scale
+        torch._foreach_mul_(ts, [f * scale for f in factors])
+        return tensors
     if factors is not None:
         torch._foreach_mul_(ts, factors)
     torch._foreach_mul_(ts, plain(scale))
@@ -184,10 +219,10 @@ def snapshot(tensors: Tensors) -> Tensors:
     """Exact copies (one parameter-sized buffer)."""
     if not tensors:
         return []
-    detached = [t.detach() for t in tensors]
-    if hasattr(torch, "_foreach_clone"):
-        return torch._foreach_clone(detached)
-    return [t.clone() for t in detached]  # older torch
+    with torch.no_grad():  # detached copies without a detach per tensor
+        if hasattr(torch, "_foreach_clone"):
+            return torch._foreach_clone(list(tensors))
+        return [t.clone() for t in tensors]  # older torch
 
 
 def restore_(targets: Tensors, saved: Tensors) -> None:

@@ -46,6 +46,7 @@ through `hf_sam.ops` (`global_norm`, `global_dot`), every collective through the
 (`ctx.mean_over_processes`). tests/test_architecture.py holds the variants to this rule.
 """
 
+import math
 import warnings
 from contextlib import contextmanager, nullcontext
 
@@ -69,6 +70,12 @@ class Selection:
         # indices of params in model.named_parameters() order (the order noise is drawn in; without a
         # model, the optimizer's order)
         self.named_order = list(range(len(params))) if named_order is None else list(named_order)
+        # computed once, read every step (no per-parameter Python in the hot path)
+        self.selected_idx = [i for i, keep in enumerate(self.selected) if keep]
+        self.selected_params = [params[i] for i in self.selected_idx]
+        self.selected_s = None if s is None else [s[i] for i in self.selected_idx]
+        self.selected_q = None if q is None else [q[i] for i in self.selected_idx]
+        self.selected_set = frozenset(self.selected_idx)
         self.cache = {}  # what a variant derives once per run from the model (flat_lora: its LoRA layers)
 
     @property
@@ -174,21 +181,40 @@ def _ddp_synced(model):
 
 
 class Metrics:
-    """On-device sums of the SAM metrics since the last log (no host sync per step)."""
+    """Sums of the SAM metrics since the last log, with no host sync per step.
+
+    A tensor value is summed on the device (one in-place add; the first one of a key is copied); a
+    Python number (a count, or a value the step already holds on the host: a CPU step reads its norms,
+    which syncs nothing) is summed on the host. `vector()` joins both at log time.
+    """
 
     KEYS = ("sharpness", "windows", "grad_norm", "perturbation_norm", "ascents", "skipped")
 
     def __init__(self, device):
-        self.device = device
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.reset()
 
     def reset(self):
-        self.sums = {k: torch.zeros((), dtype=torch.float32, device=self.device) for k in self.KEYS}
+        self._device_sums = {}  # key -> 0-dim fp32 tensor on self.device
+        self._host_sums = dict.fromkeys(self.KEYS, 0.0)
+
+    @property
+    def sums(self) -> dict:
+        """Every key's sum as a 0-dim fp32 tensor on the device (not for the hot path)."""
+        return dict(zip(self.KEYS, self.vector().unbind()))
 
     def add(self, key, value):
+        if not torch.is_tensor(value):
+            self._host_sums[key] += float(value)
+            return
         value = ops.plain(value)  # a replicated DTensor (FSDP) counts once
-        self.sums[key] += value.detach().to(device=self.device, dtype=torch.float32) \
-            if torch.is_tensor(value) else value
+        if value.requires_grad:
+            value = value.detach()
+        total = self._device_sums.get(key)
+        if total is None:
+            self._device_sums[key] = value.to(device=self.device, dtype=torch.float32, copy=True).reshape(())
+        else:
+            total.add_(value if value.device == self.device else value.to(self.device))
 
     def means(self, totals: dict) -> dict[str, float]:
         """The logged values (`sam/<name>`) from summed totals (reduced across processes by the caller)."""
@@ -203,7 +229,11 @@ class Metrics:
         return out
 
     def vector(self) -> torch.Tensor:
-        return torch.stack([self.sums[k] for k in self.KEYS])
+        host = torch.tensor([self._host_sums[k] for k in self.KEYS], dtype=torch.float32, device=self.device)
+        if not self._device_sums:
+            return host
+        zero = host.new_zeros(())
+        return host + torch.stack([self._device_sums.get(k, zero) for k in self.KEYS])
 
 
 class StepContext:
@@ -245,6 +275,7 @@ class StepContext:
         self._moved = False
         self._rng = None
         self._bn_saved = None
+        self.single_pass = False  # set by run_step from the variant's declared passes (see _save_rng)
 
     # ---- where the step is (read by variants; the same for every front-end) ------------------
     @property
@@ -381,38 +412,67 @@ class StepContext:
         """
         rho = self.config.rho if rho is None else rho
         sel = self.selection
-        idx = [i for i, x in enumerate(g) if x is not None and sel.selected[i]]
+        idx = [i for i in sel.selected_idx if g[i] is not None]
         out = [None] * len(self.params)
         if not idx:
             self._warn_no_grads()
             return out
+        if len(idx) == len(sel.selected_idx):
+            s, q = sel.selected_s, sel.selected_q
+        else:
+            s = [sel.s[i] for i in idx] if sel.s is not None else None
+            q = [sel.q[i] for i in idx] if sel.q is not None else None
         gs = [g[i] for i in idx]
-        ws = [self.params[i] for i in idx]
-        s = [sel.s[i] for i in idx] if sel.s is not None else None
-        q = [sel.q[i] for i in idx] if sel.q is not None else None
-        grad_norm = ops.global_norm(gs)
-        if g is self._clean_grads:
-            self._clean_grad_ok = torch.isfinite(grad_norm)
+        clean = g is self._clean_grads
         self._clean_grads = None  # hold no reference: the variant may free g (release=True)
-        e = gs if inplace else ops.snapshot(gs)
-        if self.config.effective_adaptive:
-            t = ops.adaptive_weights(ws, [self.names[i] for i in idx], self.config.eta)
+        adaptive = self.config.effective_adaptive
+        if adaptive:
+            grad_norm = ops.global_norm(gs)
+            e = gs if inplace else ops.snapshot(gs)
+            t = ops.adaptive_weights([self.params[i] for i in idx], [self.names[i] for i in idx], self.config.eta)
             ops.mul_where_(e, t)  # T g
             norm = ops.global_norm(e, q)
             ops.mul_where_(e, t)  # T^2 g
+            s_norm = None
         else:
-            norm = grad_norm if q is None else ops.global_norm(gs, q)
-        scale = ops.finite_or_zero(rho / (norm + self.config.eps), norm)
-        ops.scale_(e, scale, s)
-        overflow = ~torch.isfinite(norm)  # a finite norm means every g_i, so every e_i, is finite
-        ops.zero_where_(e, overflow)
+            # one read of g for every norm the step needs: ||g||, ||q g|| (the ascent's), ||s g|| (||e|| / scale)
+            weightings = [None] + ([q] if q is not None else []) + ([s] if s is not None else [])
+            norms = ops.global_norms(gs, weightings)
+            grad_norm = norms[0]
+            norm = norms[1] if q is not None else grad_norm
+            s_norm = norms[-1] if s is not None else grad_norm
+            e = gs if inplace else ops.snapshot(gs)
+        if _host_read_is_free(norm):
+            # a CPU scalar is read without a sync: the scale and the metrics are Python numbers, no device op
+            grad_norm, norm = grad_norm.item(), norm.item()
+            s_norm = s_norm.item() if s is not None and not adaptive else None
+            finite = math.isfinite(norm)  # a finite norm means every g_i, so every e_i, is finite
+            scale = rho / (norm + self.config.eps) if finite else 0.0
+            if finite:
+                ops.scale_(e, scale, s)
+            else:
+                torch._foreach_zero_(ops.local(e))
+            if not finite:
+                e_norm = 0.0
+            elif adaptive:
+                e_norm = ops.global_norm(e)
+            else:
+                e_norm = abs(scale) * (s_norm if s is not None else grad_norm)
+        else:
+            finite = torch.isfinite(norm)
+            scale = torch.where(finite, rho / (norm + self.config.eps), 0.0)
+            ops.scale_(e, scale, s)
+            ops.zero_where_(e, ~finite)
+            if adaptive:
+                e_norm = ops.global_norm(e)
+            else:  # ||e|| = |scale| ||s g||, no extra pass
+                e_norm = torch.where(finite, scale.abs() * (s_norm if s is not None else grad_norm), 0.0)
+        if clean:
+            self._clean_grad_ok = finite
         self.metrics.add("grad_norm", grad_norm * self.grad_unit())
-        if s is None and q is None and not self.config.effective_adaptive:  # ||e|| = scale ||g||, no extra pass
-            self.metrics.add("perturbation_norm", torch.where(overflow, torch.zeros_like(scale), scale * grad_norm))
-        else:
-            self.metrics.add("perturbation_norm", ops.global_norm(e))
+        self.metrics.add("perturbation_norm", e_norm)
         self.metrics.add("ascents", 1.0)
-        self.metrics.add("skipped", overflow.float())
+        self.metrics.add("skipped", (~finite).float() if torch.is_tensor(finite) else float(not finite))
         for i, x in zip(idx, e):
             out[i] = x
         return out
@@ -522,9 +582,19 @@ class StepContext:
         present = [x for x in grads if x is not None]
         if not present:
             return
-        bad = ~torch.isfinite(ops.global_norm(present))
-        if loss is not None:
-            bad = bad | ~torch.isfinite(loss.detach().float().sum())
+        # one fused read of the gradient and the loss: finite exactly when all of them are
+        probe = ops.finiteness_probe(present, [loss] if loss is not None else [])
+        if _host_read_is_free(probe):  # read without a sync: the common (finite) case costs nothing more
+            if math.isfinite(probe.item()):
+                return
+            if self.clean_loss is not None and not math.isfinite(self.clean_loss.detach().float().sum().item()):
+                return  # the clean pass was not finite either: not this guard's to drop
+            if self._clean_grad_ok is not None and not bool(self._clean_grad_ok):
+                return
+            torch._foreach_zero_(ops.local(present))
+            self.metrics.add("skipped", 1.0)
+            return
+        bad = ~torch.isfinite(probe)
         if self.clean_loss is not None:
             bad = bad & torch.isfinite(self.clean_loss.detach().float().sum())
         if self._clean_grad_ok is not None:
@@ -548,9 +618,9 @@ class StepContext:
             return
         idx = [i for i, x in enumerate(at) if x is not None]
         if self._saved is None:
-            self._saved_idx = [i for i, s in enumerate(self.selection.selected) if s]
+            self._saved_idx = self.selection.selected_idx
             self._saved = ops.snapshot(self._saved_params())
-        outside = set(idx) - set(self._saved_idx)
+        outside = () if idx == self._saved_idx else set(idx) - self.selection.selected_set
         if outside:
             names = ", ".join(self.names[i] for i in sorted(outside)[:3])
             raise ValueError(f"variant {self.config.variant!r} tried to perturb parameters outside the "
@@ -561,6 +631,8 @@ class StepContext:
         ops.add_([self.params[i] for i in idx], [at[i] for i in idx])
 
     def _saved_params(self):
+        if self.params is self.selection.params:
+            return self.selection.selected_params
         return [self.params[i] for i in self._saved_idx]
 
     def _stash_grads(self):
@@ -585,13 +657,18 @@ class StepContext:
         self._stash = None
 
     def _save_rng(self):
-        if not self.config.same_dropout:
+        """The RNG state before the first pass, for `same_dropout`; skipped when the variant declared a single
+        pass (registry `passes=1`: msam, mesa, saf, flat_lora), which has no later pass to replay it in."""
+        if not self.config.same_dropout or self.single_pass:
             return
         self._rng = ops.rng_state()
 
     def _replay_rng(self):
         if self._rng is not None:
             ops.set_rng_state(self._rng)
+        elif self.single_pass and self.config.same_dropout:
+            raise RuntimeError(f"variant {self.config.variant!r} is registered with passes=1 but ran a second pass, "
+                               "so same_dropout has no RNG state to replay: register it with its real pass count")
 
     def _save_bn(self):
         if self.selection.batchnorms and self._bn_saved is None:
@@ -616,7 +693,7 @@ class StepContext:
                                "(ctx.grad(..., final=True) or ctx.set_final(...))")
         if self.clean_loss is not None and self.perturbed_loss is not None:
             self.metrics.add("sharpness", self.perturbed_loss - self.clean_loss)
-            self.metrics.add("windows", 1.0 / float(self.accumulation_steps))
+            self.metrics.add("windows", 1.0 / self.accumulation_steps)
 
     def close(self):
         """Always runs: weights back to w by copy, earlier gradients back, buffers freed."""
@@ -635,6 +712,12 @@ class StepContext:
         return self.clean_loss if self.clean_loss is not None else self.last_loss
 
 
+def _host_read_is_free(t) -> bool:
+    """Reading this scalar on the host costs no device sync (a CPU tensor): the step may then branch on it and
+    keep its scalars and metrics as Python numbers; on an accelerator it stays on the device."""
+    return t.device.type == "cpu"
+
+
 def sam_active(config, variant, step: int, max_steps) -> bool:
     """Whether optimizer step `step` is sharpness-aware (rho, interval and start/end gates)."""
     if variant.uses_rho and config.rho == 0:
@@ -649,6 +732,7 @@ def sam_active(config, variant, step: int, max_steps) -> bool:
 
 def run_step(variant, ctx):
     """Run `variant` on `ctx` for one micro-batch; the weights are back at w whatever happens."""
+    ctx.single_pass = getattr(variant, "passes", 2) == 1  # no RNG snapshot for a pass never replayed
     try:
         variant.step(ctx)
         ctx.finish()
