@@ -50,13 +50,7 @@ def ref_generator(step, micro, seed=0, rank=0):
 # ======================================================================================================
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and undisturbed by busy neighbours) on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---- driving SAMTrainer ---------------------------------------------------------------------------
