@@ -239,6 +239,14 @@ class FSDP2(Replicated):
     def release(self, ctx) -> None:
         release(ctx)
 
+    def weights_moved(self, ctx) -> None:
+        """The shards moved outside a pass: a module still holding its gathered parameters (the root keeps
+        them after a forward without backward, e.g. rsam's no-grad L(w)) would serve the old values to the
+        next forward, so every FSDP module reshards (the next forward gathers the moved shards)."""
+        state = ctx.scratch.get(_STEP)
+        if ctx.model is not None and (state is None or state.held is None):
+            _reshard(_fsdp_modules(ctx.model))
+
     def state_to_save(self, state):
         """sam_state with every DTensor replaced by its local shard (each rank saves its own file)."""
         return _map(state, lambda t: t.to_local() if ops.is_sharded(t) else t)

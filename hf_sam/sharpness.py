@@ -300,7 +300,9 @@ class _Meter:
         if _rank() == 0 and self.units > 1 and (self.progress or (self.progress is None and long)):
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.units, initial=1, desc=self.what, unit=self.unit, leave=False,
+            # every unit is a Hessian product or a chunk (long): show each one (mininterval 0), so
+            # what the bar says does not depend on how fast the machine is
+            self.bar = tqdm(total=self.units, initial=1, desc=self.what, unit=self.unit, leave=False, mininterval=0,
                             disable=None if self.progress is None else False)  # None: only on a terminal
 
     def out_of_time(self):

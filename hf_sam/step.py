@@ -153,6 +153,10 @@ class Replicated:
     def release(self, ctx) -> None:
         return None
 
+    def weights_moved(self, ctx) -> None:
+        """The selected weights were moved outside a pass (`ctx.move_to`): nothing to do here."""
+        return None
+
     def trainable(self, model):
         return None
 
@@ -518,8 +522,10 @@ class StepContext:
 
     def move_to(self, at):
         """Put the selected weights at w + at now (at=None: at w, from the exact snapshot); for a side
-        measurement inside a pass (rsam's L(w) in the loss hook of its pass at w + delta)."""
+        measurement inside a pass (rsam's L(w) in the loss hook of its pass at w + delta). The sharding
+        strategy is told, so that no stale gathered copy of the old weights serves the next forward."""
         self._position(at)
+        self.sharding.weights_moved(self)
 
     def use_params(self, params=None):
         """Work on `params` from now on (aligned with selection.params; None: the optimizer's own).
