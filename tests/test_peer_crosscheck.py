@@ -16,7 +16,9 @@ from torch import nn
 
 import tiny
 from hf_sam import SAM, SAMConfig
-from test_new_variants import _one_thread, centered, deviation  # noqa: F401  (_one_thread: a module fixture)
+from test_new_variants import centered, deviation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 po = pytest.importorskip("pytorch_optimizer")
 
