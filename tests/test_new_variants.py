@@ -292,15 +292,7 @@ def test_closure_optimizer_matches_the_trainer(tmp_path, variant, ga):
     tr = run(tmp_path, variant, copy.deepcopy(start), steps=3, ga=ga, momentum=momentum, **trainer_settings)
     opt = SAM(model.named_parameters(), torch.optim.SGD, SAMConfig(variant=variant, **settings), model=model,
               max_steps=3, seed=0, lr=0.1, momentum=momentum)
-    for window in tiny.windows(data(), BS, ga, 3):
-        for mb in window:
-            def closure(mb=mb):
-                loss = model(**mb)["loss"] / ga
-                loss.backward()
-                return loss
-            opt.accumulate(closure)
-        opt.step()
-        opt.zero_grad()
+    tiny.closure_steps(opt, model, tiny.windows(data(), BS, ga, 3))
     assert deviation(start, tr.model) > 1e-3
     assert deviation(model, tr.model) <= TOL
 

@@ -587,16 +587,7 @@ def test_closure_optimizer_matches_the_trainer(tmp_path, variant, ga):
     opt = SAM(model.named_parameters(), torch.optim.SGD, SAMConfig(variant=variant, **settings), model=model,
               max_steps=STEPS, seed=0, lr=0.1, momentum=0.9)
     model.train()
-    for window in tiny.windows(tiny.Blobs(), 4, ga, STEPS):
-        for mb in window:
-            def closure(mb=mb):
-                loss = model(**mb)["loss"] / ga
-                loss.backward()
-                return loss
-
-            opt.accumulate(closure)
-        opt.step()
-        opt.zero_grad()
+    tiny.closure_steps(opt, model, tiny.windows(tiny.Blobs(), 4, ga, STEPS))
     trained = {n: p.detach() for n, p in tr.model.named_parameters()}
     assert deviation(start, trained) > 1e-3  # the runs did train
     assert deviation(model, trained) <= 1e-6

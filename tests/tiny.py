@@ -68,6 +68,21 @@ def params_copy(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def closure_steps(opt, model, windows):
+    """Drive hf_sam.SAM over `windows`: `accumulate` a closure per micro-batch (loss / the window's
+    length, as any accumulation loop does), then one `step()` and `zero_grad()` per window."""
+    for window in windows:
+        for mb in window:
+            def closure(mb=mb):
+                loss = model(**mb)["loss"] / len(window)
+                loss.backward()
+                return loss
+
+            opt.accumulate(closure)
+        opt.step()
+        opt.zero_grad()
+
+
 def windows(dataset, batch_size, ga, steps):
     """The micro-batches the in-order trainer sees: steps windows of ga micro-batches."""
     out, i = [], 0
