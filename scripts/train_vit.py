@@ -19,7 +19,7 @@ LoRA through `--lora_r 8` (PEFT), and `--config file.yaml` sets defaults that fl
 import os
 from dataclasses import dataclass, field
 
-from hf_sam_scripts.arguments import CommonArguments, LoraArguments
+from hf_sam_scripts.arguments import CommonArguments, LabelNoiseArguments, LoraArguments
 from hf_sam_scripts.cli import SAM_TRAINING_ARGUMENTS, parse_script_args
 from hf_sam_scripts.data import classification_splits
 from hf_sam_scripts.errors import ConfigError, DataError, run_main
@@ -30,7 +30,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
 
 
 @dataclass
-class ScriptArguments(CommonArguments):
+class ScriptArguments(LabelNoiseArguments, CommonArguments):
     # --- model: a Hub id / local folder, or (default) a small ViT built from these sizes ---
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Pretrained image classifier: a Hub id (google/vit-base-patch16-224-in21k), a local folder, or "
