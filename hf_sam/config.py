@@ -472,6 +472,8 @@ def _argument_fields():
         typ = f.type
         if f.name == "mupp_roles":  # dict fields travel as JSON strings on the command line
             typ = dict | str | None
+        if f.name in BOOL_MODES:  # a boolean that also takes named modes: text on the command line
+            typ = str | None  # (argparse's bool type refuses "node"); coerce_value reads the text
         if f.default is not dataclasses.MISSING:
             out.append((PREFIX + f.name, typ, field(default=f.default, metadata=meta)))
         else:

@@ -36,17 +36,56 @@ def test_label_noise_quick_writes_and_resumes(runner, tmp_path, capsys):
     assert runner.main(["label_noise", "--quick", "--out", str(tmp_path)]) == 0
     data = read(tmp_path, "label_noise")
     assert data["complete"] and data["quick"]
-    labels = {r["label"] for r in data["summary"]["headline"]}
-    assert labels == {"adamw", "sam"}
-    sam = next(r for r in data["runs"] if r["label"] == "sam" and r["part"] == "headline")["result"]
+    assert set(data["summary"]["quick"]) == {"adamw", "sam"}
+    sam = next(r for r in data["runs"] if r["params"]["method"] == "sam")["result"]
     assert sam["forwards_per_step"] == 2 and sam["backwards_per_step"] == 2  # SAM's two passes, counted
+    assert 1 <= sam["best_epoch"] <= 2  # the epoch the noisy validation split picks, and the test accuracy there
+    assert math.isclose(sam["test_acc_best"], sam["curve"]["test_acc"][sam["best_epoch"] - 1], abs_tol=1e-5)
     cached = sorted((tmp_path / "cache" / "label_noise").glob("*.json"))
-    assert len(cached) == 4
+    assert len(cached) == 2
     stamps = [p.stat().st_mtime_ns for p in cached]
     capsys.readouterr()
     assert runner.main(["label_noise", "--quick", "--out", str(tmp_path)]) == 0  # resumes: nothing to run
-    assert "[run] label_noise quick" not in capsys.readouterr().out
+    assert "pending)" not in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_protocol_selects_on_validation_and_reuses_tuning_runs(runner):
+    """The plan: AdamW's grid first; a method's knob grid only once AdamW is selected, at AdamW's lr and wd; the
+    choice follows the validation accuracy (never the test accuracy); reports reuse the tuning seeds' runs."""
+    from studies import label_noise as ln
+
+    seeds = [0, 1, 2]
+    first = ln.plan_family("p", "vit", ["sam"], 0.4, seeds, {})[0]
+    assert {r["params"]["method"] for r in first} == {"adamw"} and len(first) == len(ln.FAMILIES["vit"]["grid"])
+    best_lr, best_wd = ln.FAMILIES["vit"]["grid"][4]
+    cache = {r["id"]: {"result": {"val_acc_best": 0.9 if (r["params"]["lr"], r["params"]["wd"]) == (best_lr, best_wd)
+                                  else 0.5, "test_acc_best": 0.1}} for r in first}
+    second = ln.plan_family("p", "vit", ["sam"], 0.4, seeds, cache)[0]
+    sam = [r for r in second if r["params"]["method"] == "sam"]
+    assert {(r["params"]["lr"], r["params"]["wd"]) for r in sam} == {(best_lr, best_wd)}
+    assert sorted(r["params"]["value"] for r in sam) == sorted(0.05 * f for f in ln.FAMILIES["vit"]["factors"])
+    for r in sam:  # the test accuracy favours the smallest rho, validation the largest: validation decides
+        big = r["params"]["value"] == max(x["params"]["value"] for x in sam)
+        cache[r["id"]] = {"result": {"val_acc_best": 0.8 if big else 0.6, "test_acc_best": 0.0 if big else 1.0}}
+    third, selection = ln.plan_family("p", "vit", ["sam"], 0.4, seeds, cache)
+    assert selection["sam"]["value"] == max(r["params"]["value"] for r in sam)
+    reports = [r for r in third if r["params"]["stage"] == "report"]
+    assert sorted(r["seed"] for r in reports) == [1, 1, 2, 2]  # seed 0 is the tuning run, reused
+    assert [r["seed"] for r in reports] == sorted(r["seed"] for r in reports)  # seed-major: interleaved methods
+
+
+def test_label_noise_flag_of_the_classification_scripts():
+    from hf_sam_scripts.arguments import LabelNoiseArguments
+    from hf_sam_scripts.data import symmetric_label_noise
+    from hf_sam_scripts.errors import ConfigError
+
+    labels = np.arange(100) % 5
+    noisy, flipped = symmetric_label_noise(labels, 0.3, seed=3, num_classes=5)
+    assert flipped.sum() == 30 and np.array_equal(noisy[~flipped], labels[~flipped])
+    assert noisy.min() >= 0 and noisy.max() < 5
+    with pytest.raises(ConfigError, match=r"label_noise=1\.0: use a number in \[0, 1\)"):
+        LabelNoiseArguments(label_noise=1.0)
 
 
 def test_completion_marks_missing_seeds(runner):

@@ -49,6 +49,17 @@ def test_other_values_of_a_boolean_are_refused(tmp_path, name, bad):
     assert f"{PREFIX}{name}={bad!r}" in str(err.value) and "true, false, 1, 0, yes, no" in str(err.value)
 
 
+@pytest.mark.parametrize("text,value", [("node", "node"), ("Node", "node"), ("true", True), ("0", False)])
+def test_sync_ascent_node_from_the_command_line(tmp_path, text, value):
+    """--sam_sync_ascent takes HSDP's 'node' on the command line too (argparse's bool type refused it)."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(SAMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--sam_sync_ascent", text])
+    assert args.sam_sync_ascent == value and args.sam_config.sync_ascent == value
+    assert type(args.sam_config.sync_ascent) is type(value)
+
+
 def test_text_boolean_adaptive_false_gives_plain_sam_numbers():
     """SAMConfig(adaptive="false") once turned ASAM on: check the ascent itself, against SAM's e = rho g/||g||."""
     import hf_sam
