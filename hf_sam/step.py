@@ -664,7 +664,8 @@ class StepContext:
 
     def _save_rng(self):
         """The RNG state before the first pass, for `same_dropout`; skipped when the variant declared a single
-        pass (registry `passes=1`: msam, mesa, saf, flat_lora), which has no later pass to replay it in."""
+        pass (registry `passes=1`: msam, mesa, saf, flat_lora; or `one_pass_now` says so for this micro-batch:
+        looksam between refreshes), which has no later pass to replay it in."""
         if not self.config.same_dropout or self.single_pass:
             return
         self._rng = ops.rng_state()
@@ -738,7 +739,8 @@ def sam_active(config, variant, step: int, max_steps) -> bool:
 
 def run_step(variant, ctx):
     """Run `variant` on `ctx` for one micro-batch; the weights are back at w whatever happens."""
-    ctx.single_pass = getattr(variant, "passes", 2) == 1  # no RNG snapshot for a pass never replayed
+    one_pass_now = getattr(variant, "one_pass_now", None)  # no RNG snapshot for a pass never replayed
+    ctx.single_pass = getattr(variant, "passes", 2) == 1 or bool(one_pass_now is not None and one_pass_now(ctx))
     try:
         variant.step(ctx)
         ctx.finish()

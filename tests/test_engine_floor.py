@@ -115,6 +115,33 @@ def test_rng_snapshot_only_where_a_pass_replays_it(monkeypatch):
     assert not taken  # one pass: nothing to replay
     engine_run(monkeypatch, "host", "sam")
     assert len(taken) == STEPS
+    taken.clear()  # looksam k=2: refreshes (two passes) on steps 0 and 2, one pass on step 1
+    engine_run(monkeypatch, "host", "looksam", looksam_k=2)
+    assert len(taken) == 2
+
+
+def test_looksam_without_the_snapshot_keeps_its_numbers(monkeypatch):
+    """Skipping the RNG snapshot between refreshes changes no number: on a dropout model (same_dropout on),
+    the same looksam run with the snapshot forced on every step (one_pass_now removed) gives the same
+    weights bit for bit, and the refresh steps still replay the clean pass's dropout mask."""
+    def run(lean):
+        torch.manual_seed(0)
+        model = tiny.MLP(dropout=0.5)
+        opt = SAM(model.named_parameters(), torch.optim.SGD, config=SAMConfig(variant="looksam", rho=RHO, looksam_k=2),
+                  lr=LR, model=model)
+        if not lean:
+            monkeypatch.setattr(opt, "variant", dataclasses.replace(opt.variant, one_pass_now=None))
+        for b in batches() * 2:
+            def closure(b=b):
+                loss = model(**b)["loss"]
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
 
 
 def test_a_variant_that_declares_one_pass_and_runs_two_is_refused(monkeypatch):

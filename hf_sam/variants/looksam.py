@@ -30,7 +30,8 @@ that skipped the refresh step, or a g_v stored without ||g_refresh||) refreshes 
 
 Defaults: k 5, alpha None (measured size). Paper rule: community k 10, alpha 0.7, rho 0.1; MSAM
 repo class: k 5, alpha 0.2, rho 0.3; unverified against the paper. Cost: 2 passes on refresh
-steps, 1 pass otherwise (1 + 1/k on average); +1 gradient-sized buffer (g_v) kept between steps,
+steps, 1 pass otherwise (1 + 1/k on average; no RNG snapshot on the one-pass steps, `one_pass_now`);
++1 gradient-sized buffer (g_v) kept between steps,
 +2 transient at refresh.
 """
 
@@ -56,13 +57,19 @@ LOOKSAM_PAPER = {
 }
 
 
+def _refresh(ctx):
+    """A refresh (two passes) on this step: every k-th step, and whenever no usable g_v is stored."""
+    cfg, state = ctx.config, ctx.state
+    stale = cfg.looksam_alpha is None and "looksam_gnorm" not in state  # g_v stored without its size
+    return state.get("looksam_gv") is None or stale or ctx.global_step % cfg.looksam_k == 0
+
+
 def looksam(ctx):
     cfg, state = ctx.config, ctx.state
     step = ctx.global_step
     g_v = state.get("looksam_gv")
     g = ctx.grad()                                            # clean pass at w
-    stale = cfg.looksam_alpha is None and "looksam_gnorm" not in state  # g_v stored without its size
-    if g_v is None or stale or step % cfg.looksam_k == 0:
+    if _refresh(ctx):
         e = ctx.ascent(g)                                     # rho * g / ||g|| (g kept)
         g_s = ctx.grad(at=e, release=True)                    # pass at w + e (e freed once applied)
         idx = perturbed(ctx, g, g_s)
@@ -100,4 +107,4 @@ LOOKSAM_FACTS = Facts(
 )
 
 
-register("looksam", paper=LOOKSAM_PAPER, facts=LOOKSAM_FACTS)(looksam)
+register("looksam", paper=LOOKSAM_PAPER, facts=LOOKSAM_FACTS, one_pass_now=lambda ctx: not _refresh(ctx))(looksam)

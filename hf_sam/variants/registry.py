@@ -60,6 +60,10 @@ class Variant:
         `loss_hook` (only the Trainer front-end runs those). hf_sam.SAM refuses such variants, and
         those with `hooks` or `on_setup`.
     facts: its row of the README's variants table (`Facts`); None: not in the table (user variants).
+    one_pass_now: optional `one_pass_now(ctx) -> bool` for a variant whose pass count changes from step to
+        step (looksam): True when this micro-batch will run a single pass, so the engine skips the RNG
+        snapshot that only a second pass would replay (a second pass after True is an error, not a
+        silent change of dropout masks). Variants with passes=1 need not set it.
     """
 
     name: str
@@ -75,12 +79,14 @@ class Variant:
     trainer_only: bool = False
     check_optimizer: Callable | None = None
     facts: Facts | None = None
+    one_pass_now: Callable | None = None
 
 
 def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: bool = True, rho_note: str = "",
              paper: dict | None = None, check: Callable | None = None, hooks: dict | None = None,
              on_setup: Callable | None = None, trainer_only: bool = False,
-             check_optimizer: Callable | None = None, facts: Facts | None = None, replace: bool = False):
+             check_optimizer: Callable | None = None, facts: Facts | None = None,
+             one_pass_now: Callable | None = None, replace: bool = False):
     """Decorator: `@register("mysam")` on `def mysam(ctx): ...` makes `variant="mysam"` usable.
 
     The keyword arguments are the Variant fields above; replace=True overrides a registered name.
@@ -94,7 +100,8 @@ def register(name: str, *, passes: float = 2, adaptive: bool = False, uses_rho: 
         _REGISTRY[name] = Variant(name=name, step=fn, passes=passes, adaptive=adaptive, uses_rho=uses_rho,
                                   rho_note=rho_note, paper=dict(paper or {}), check=check or _no_check,
                                   hooks=dict(hooks or {}), on_setup=on_setup,
-                                  trainer_only=trainer_only, check_optimizer=check_optimizer, facts=facts)
+                                  trainer_only=trainer_only, check_optimizer=check_optimizer, facts=facts,
+                                  one_pass_now=one_pass_now)
         return fn
 
     return wrap
