@@ -59,6 +59,8 @@ FAMILIES = {
     "lora_cheap": dict(epochs=3, tune_seeds=(0,), factors=(1, 3), grid=None, retune_sam=False, methods=("msam",),
                        base_family="lora"),
 }
+# the noise sweep: the MLP's protocol with one tuning seed and SAM's rho tuned at AdamW's lr and wd (budget)
+FAMILIES["mlp_sweep"] = dict(FAMILIES["mlp"], tune_seeds=(0,), retune_sam=False, base_family="mlp")
 VIT_FLAGS = ["--config", "configs/vit_digits.yaml", "--torch_threads", "1"]
 LORA_FLAGS = ["--config", "configs/lora_minilm_pydoc.yaml", "--max_length", "32", "--torch_threads", "1"]
 BEST_CKPT = ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "1",
@@ -185,7 +187,7 @@ def runs(parts, seeds, quick, cache):
         cheap = best_cheap(cache, seeds)
         if cheap is not None:
             for noise in NOISE_LEVELS:
-                out += plan_family("noise_sweep", "mlp", ["sam", cheap], noise, seeds, cache)[0]
+                out += plan_family("noise_sweep", "mlp_sweep", ["sam", cheap], noise, seeds, cache)[0]
     return out
 
 
@@ -357,7 +359,7 @@ def report(records, status, png, quick):
     for noise in NOISE_LEVELS:
         if cheap is None:
             break
-        rows, _ = family_rows(cache, "noise_sweep", "mlp", ["sam", cheap], noise, seeds)
+        rows, _ = family_rows(cache, "noise_sweep", "mlp_sweep", ["sam", cheap], noise, seeds)
         for r in rows:
             if r["report"]["n"]:
                 sweep.append([f"{int(noise * 100)}%", f"`{r['method']}`", _selected(r["selected"]),
