@@ -131,14 +131,7 @@ def test_looksam_without_the_snapshot_keeps_its_numbers(monkeypatch):
                   lr=LR, model=model)
         if not lean:
             monkeypatch.setattr(opt, "variant", dataclasses.replace(opt.variant, one_pass_now=None))
-        for b in batches() * 2:
-            def closure(b=b):
-                loss = model(**b)["loss"]
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            opt.zero_grad()
+        tiny.closure_steps(opt, model, [[b] for b in batches() * 2])
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
