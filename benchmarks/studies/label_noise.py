@@ -275,7 +275,8 @@ def family_rows(cache, part, family, methods, noise, seeds, base=None):
     sam_gain = sam["report"]["gain"][0] if sam and sam["report"]["n"] else None
     for r in rows:
         rep = r["report"]
-        r["share"] = rep["gain"][0] / sam_gain if sam_gain and rep["n"] else None
+        # a share of SAM's gain means something only where tuned SAM gains over tuned AdamW
+        r["share"] = rep["gain"][0] / sam_gain if sam_gain is not None and sam_gain > 0 and rep["n"] else None
         r["keeps"] = bool(r["method"] not in ("adamw", "sam") and r["share"] is not None and r["share"] >= KEEP
                           and rep["wall"] is not None and rep["wall"] <= MAX_COST)
     rows.sort(key=lambda r: -(r["report"]["gain"][0] if r["report"]["n"] else -1))
