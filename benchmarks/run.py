@@ -11,6 +11,8 @@ done and whether it is complete), OUT/STUDY.md (tables) and OUT/STUDY.png (plot)
     python benchmarks/run.py label_noise --parts headline     # only some parts of the grid
     python benchmarks/run.py label_noise --report-only        # rewrite JSON/tables/plot from the cache
     python benchmarks/run.py lm --quick --out /tmp/q          # one tiny configuration, seconds
+    python benchmarks/run.py label_noise --worker 0/2 & python benchmarks/run.py label_noise --worker 1/2
+                                                              # two processes share the grid
 
 OUT defaults to benchmarks/results (with --quick: a fresh temporary folder, never the repo).
 Run it alone on a quiet machine for timings that mean something: cost is measured wall time.
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +71,29 @@ def completion(planned, cache):
     return parts
 
 
+def owner(run_id, n):
+    """The worker (0..n-1) that runs `run_id`: a stable hash, the same in every process."""
+    return zlib.crc32(run_id.encode()) % n
+
+
+def failed_since(out, study, t_start):
+    """Ids of the runs a worker of this launch marked failed (cache/STUDY/<id>.failed, written after t_start)."""
+    folder = Path(out) / "cache" / study
+    return {f.stem for f in folder.glob("*.failed") if f.stat().st_mtime >= t_start} if folder.is_dir() else set()
+
+
+def parse_worker(parser, text):
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        parser.error(f"--worker {text!r}: use I/N with 0 <= I < N, e.g. 0/2")
+    if not 0 <= i < n:
+        parser.error(f"--worker {text!r}: use I/N with 0 <= I < N, e.g. 0/2")
+    return i, n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=STUDIES)
@@ -76,6 +102,10 @@ def main(argv=None):
     p.add_argument("--parts", nargs="*", default=None, help="Only these parts of the study's grid (default: all).")
     p.add_argument("--out", default=None, help="Results folder (default benchmarks/results; --quick: a temp folder).")
     p.add_argument("--report-only", action="store_true", help="Summarise the cache without running anything.")
+    p.add_argument("--worker", default=None, metavar="I/N",
+                   help="Run only the pending runs whose id hashes to I of N (start N such workers, I = 0..N-1, on the "
+                        "same parts); each rereads the cache before every run, so a stage that waits for another "
+                        "worker's runs starts once they are cached.")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="Start no new run after this many minutes (the cache keeps what finished).")
     args = p.parse_args(argv)
@@ -88,10 +118,14 @@ def main(argv=None):
     unknown = sorted(set(parts) - set(study.PARTS))
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)} for {args.study}; choose from {', '.join(study.PARTS)}")
+    worker = parse_worker(p, args.worker)
     cache = load_cache(out, args.study)
     t_start = time.time()
     failures = []
     while not args.report_only:
+        if worker is not None:  # the other workers' runs, and the runs that failed in one of them
+            cache = load_cache(out, args.study)
+            failures = sorted(set(failures) | failed_since(out, args.study, t_start))
         planned = study.runs(parts, seeds, args.quick, cache)
         pending = [r for r in planned if r["id"] not in cache and r["id"] not in failures]
         if not pending:
@@ -99,7 +133,11 @@ def main(argv=None):
         if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
             print(f"[run] --max-minutes reached; {len(pending)} runs left (rerun the same command to resume)")
             break
-        run = pending[0]
+        mine = pending if worker is None else [r for r in pending if owner(r["id"], worker[1]) == worker[0]]
+        if not mine:  # the other workers' runs are pending: wait for them (a later stage may need them)
+            time.sleep(5)
+            continue
+        run = mine[0]
         print(f"[run] {args.study} {run['id']} ({len(pending)} pending)", flush=True)
         t0 = time.time()
         try:
@@ -107,6 +145,10 @@ def main(argv=None):
         except Exception:  # one broken configuration must not lose the others
             traceback.print_exc()
             failures.append(run["id"])
+            if worker is not None:  # tell the other workers not to wait for it
+                marker = cache_path(out, args.study, run["id"]).with_suffix(".failed")
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(traceback.format_exc())
             continue
         rec = dict(run, result=result, run_wall_s=round(time.time() - t0, 2),
                    finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -88,6 +88,17 @@ def test_label_noise_flag_of_the_classification_scripts():
         LabelNoiseArguments(label_noise=1.0)
 
 
+def test_workers_split_the_runs(runner, tmp_path):
+    """--worker I/N: every run has exactly one owner, stable across processes; one worker of one runs it all."""
+    ids = [f"mlp_sam_rho{r}_s{s}" for r in range(20) for s in range(3)]
+    owners = [runner.owner(i, 3) for i in ids]
+    assert set(owners) == {0, 1, 2} and owners == [runner.owner(i, 3) for i in ids]
+    assert runner.main(["label_noise", "--quick", "--worker", "0/1", "--out", str(tmp_path)]) == 0
+    assert read(tmp_path, "label_noise")["complete"]
+    with pytest.raises(SystemExit):
+        runner.main(["label_noise", "--quick", "--worker", "1/1", "--out", str(tmp_path)])
+
+
 def test_completion_marks_missing_seeds(runner):
     planned = [dict(id=f"a_s{s}", part="p", label="a", seed=s) for s in range(3)]
     status = runner.completion(planned, {"a_s0": {}, "a_s2": {}})
