@@ -9,13 +9,15 @@ learning rate is tuned first (seed 0), the comparison uses seeds 1-3. Held-out p
 seed and scores the reporting seeds).
 
 Sizing, measured on one thread (2026-12-08, the other core busy): one AdamW epoch (74 steps) takes
-13 s of training loop (5.7 steps/s) plus ~14 s per process (tokenizer, data, imports); a two-pass
-method ~2x. A 12-epoch AdamW run (lr 2e-3, seed 0, eval every epoch) went 5.81, 4.97, 4.57, 4.34,
+12-13 s of training loop (5.7 steps/s) plus ~13 s per process (tokenizer, data, imports); a two-pass
+method ~1.9x. A 12-epoch AdamW run (lr 2e-3, seed 0, eval every epoch) went 5.81, 4.97, 4.57, 4.34,
 4.20, 4.12, 4.06, 4.03, 4.00, 3.98, 3.98, 3.98: the fast phase is epochs 1-4 (-0.84, -0.40, -0.24
-per epoch), after epoch ~7 the loss moves < 0.05 per epoch. With a cosine schedule the curve
-flattens as the LR decays, at any length; 6 epochs (its per-epoch curves are in the .md) ends past
-the fast phase and fits the budget: 3 tuning runs + 6 configurations x 3 seeds (~10 AdamW-epochs
-per seed) ~ 48 min of one core. 12 epochs would not fit.
+per epoch), from epoch ~7 the loss moves < 0.05 per epoch and it is flat from epoch 10. With a
+cosine schedule the curve flattens as the LR decays, at any length, so the 6-epoch runs flatten in
+their last 2 epochs too, but at a loss ~0.5 above the 12-epoch runs' (the .md's per-epoch tables):
+6 epochs is past the fastest phase, not converged, so more steps still pay. It is what fits the
+budget: 3 tuning runs + 6 configurations x 3 seeds (~10 AdamW-epochs per seed) ~ 48 min of one
+core; a 12-epoch headline (24 for its 2x-steps AdamW) would take ~2 h.
 
 Protocol. Part "tune": AdamW at lr 1e-3, 2e-3, 4e-3 (seed 0), extended by x2 steps while the best
 (final held-out loss) sits at the grid's edge. Part "headline", at the selected LR, seed-major
@@ -148,7 +150,7 @@ def report(records, status, png, quick):
         summary.append(dict(label=label, steps=steps, compute=compute, perplexity=ppl, loss=loss,
                             loss_vs_adamw=dloss, loss_vs_adamw_per_seed=per_seed_d, wall_vs_adamw=cost,
                             seeds=seeds))
-    md = ["# lm\n", " ".join(__doc__.split("\n\n")[1].split()) + "\n",
+    md = ["# lm\n"] + [" ".join(par.split()) + "\n" for par in __doc__.split("\n\n")[1:4]] + [
           f"Reproduce: `{COMMAND}` (resumes from benchmarks/results/cache/lm; about 50 min on one thread; "
           "`--report-only` rewrites this file from the cache).\n"]
     if not quick:
