@@ -233,8 +233,17 @@ def _part_tables(data, md):
             row.append(", ".join(f"{w}: {_g(summary['best_rho'][metric][scaling][w]) if summary['best_rho'][metric][scaling][w] is not None else '-'}"
                                  for w in widths))
         best_rows.append(row)
+    collapsed = {}
+    for scaling, row in zip(SCALINGS, best_rows):
+        for w in widths:
+            d = data.get((scaling, w), {})
+            collapsed.setdefault(scaling, {})[w] = [r for r in sam_rhos if d.get(r) and
+                                                    max(x["test_acc"] for x in d[r]) < COLLAPSE]
+        row.append(", ".join(f"{w}: {_g(min(c)) if c else '-'}" for w, c in collapsed[scaling].items()))
+    summary["collapsed_rhos"] = collapsed
     md += ["\n### best rho (mean over seeds) against width\n",
-           table(["rho_scaling", "by clean test loss (width: rho)", "by clean test accuracy (width: rho)"], best_rows)]
+           table(["rho_scaling", "by clean test loss (width: rho)", "by clean test accuracy (width: rho)",
+                  f"smallest rho at which every seed collapsed (acc < {100 * COLLAPSE:.0f}%)"], best_rows)]
     return summary
 
 
