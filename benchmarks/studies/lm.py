@@ -33,7 +33,7 @@ corpus.
 
 import math
 
-from studies._report import fmt, mean_sd, status_note, table
+from studies._report import fmt, mean_sd, status_note, table, tune_with_extension
 from studies._subprocess import run_script
 
 SEEDS = 3  # reporting seeds 1..SEEDS (run.py's --seeds N gives seeds 0..N-1, shifted by one here)
@@ -72,20 +72,8 @@ def _tune_run(lr):
 
 def tuning(cache):
     """(tuning runs planned so far, selected LR or None while the tuning is not finished)."""
-    lrs = sorted(TUNE_LRS)
-    for _ in range(MAX_EXTEND + 1):
-        planned = [_tune_run(lr) for lr in lrs]
-        if any(r["id"] not in cache for r in planned):
-            return planned, None
-        loss = {r["params"]["lr"]: cache[r["id"]]["result"]["eval_loss"] for r in planned}
-        best = min(loss, key=loss.get)
-        if best == lrs[-1]:
-            lrs.append(lrs[-1] * 2)
-        elif best == lrs[0]:
-            lrs.insert(0, lrs[0] / 2)
-        else:
-            return planned, best
-    return planned, best  # still at an edge after MAX_EXTEND extensions: the report says so
+    return tune_with_extension(TUNE_LRS, _tune_run, lambda result: result["eval_loss"], cache, MAX_EXTEND,
+                               lambda lr, up: lr * 2 if up else lr / 2)
 
 
 def runs(parts, seeds, quick, cache):

@@ -26,7 +26,7 @@ perturbation of the hidden layers fades with width (so the best rho drifts, or S
 
 import statistics
 
-from studies._report import mean_sd, status_note, table
+from studies._report import mean_sd, status_note, table, tune_with_extension
 
 SEEDS = 3  # reporting seeds 1..SEEDS (run.py's --seeds N gives 0..N-1, shifted by one here); seed 0 tunes
 TUNE_SEED = 0
@@ -55,20 +55,8 @@ def _tune_run(lr):
 
 def tuning(cache):
     """(tuning runs planned so far, selected LR or None while unfinished)."""
-    lrs = sorted(TUNE_LRS)
-    for _ in range(MAX_EXTEND + 1):
-        planned = [_tune_run(lr) for lr in lrs]
-        if any(r["id"] not in cache for r in planned):
-            return planned, None
-        loss = {r["params"]["lr"]: cache[r["id"]]["result"]["test_loss"] for r in planned}
-        best = min(loss, key=loss.get)
-        if best == lrs[-1]:
-            lrs.append(float(f"{lrs[-1] * 3:.3g}"))
-        elif best == lrs[0]:
-            lrs.insert(0, float(f"{lrs[0] / 3:.3g}"))
-        else:
-            return planned, best
-    return planned, best
+    return tune_with_extension(TUNE_LRS, _tune_run, lambda result: result["test_loss"], cache, MAX_EXTEND,
+                               lambda lr, up: float(f"{lr * 3 if up else lr / 3:.3g}"))
 
 
 def _width_runs(part, w, rhos, seed, epochs, lr):
