@@ -212,8 +212,7 @@ def execute(run, quick):
 
         torch.set_num_threads(1)
         return train_mlp(cfg, noise=p["noise"], seed=run["seed"], epochs=p["epochs"], lr=p["lr"],
-                         weight_decay=p["wd"], val_fraction=FAMILIES["mlp"].get("val_fraction", 0.2) if not quick
-                         else 0.2)
+                         weight_decay=p["wd"], val_fraction=FAMILIES["mlp"]["val_fraction"])
     from studies._subprocess import run_script
 
     script, flags = ("train_vit.py", VIT_FLAGS) if family == "vit" else ("train_text_cls.py", LORA_FLAGS)
